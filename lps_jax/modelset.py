@@ -1,0 +1,157 @@
+"""A trained model set (ModelSet500 and friends): stacked weights + per-model metadata.
+
+On disk a model set is a directory:
+  arrays/     orbax checkpoint of {'params', 'batch_stats'} stacked over models (axis 0),
+  meta.json   per-model task_id, run, seed, held-out accuracy, and the config that made it.
+It is written to a temporary sibling and renamed into place, so a reader never sees half of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lps_jax import resnet
+
+
+class ModelSetError(ValueError):
+  """A missing, corrupt or inconsistent model set; the message says what to do."""
+
+
+@dataclasses.dataclass
+class ModelSet:
+  """Stacked variables of M models (leading axis M) and their labels.
+
+  task_id[m] is the CIFAR-100 task r (fine labels 2r, 2r+1); run[m] the repeat index;
+  seed[m] the base seed (the model's PRNG key is fold_in(fold_in(PRNGKey(seed), task), run)).
+  """
+  params: Any
+  batch_stats: Any
+  task_id: np.ndarray
+  run: np.ndarray
+  seed: np.ndarray
+  heldout_accuracy: np.ndarray
+  config: dict
+
+  def __len__(self) -> int:
+    return int(self.task_id.shape[0])
+
+  def select(self, rows: Sequence[int] | np.ndarray) -> 'ModelSet':
+    rows = np.asarray(rows)
+    take = lambda x: np.asarray(x)[rows]
+    return ModelSet(jax.tree_util.tree_map(take, self.params),
+                    jax.tree_util.tree_map(take, self.batch_stats),
+                    self.task_id[rows], self.run[rows], self.seed[rows],
+                    self.heldout_accuracy[rows], self.config)
+
+
+def concatenate(sets: Sequence[ModelSet]) -> ModelSet:
+  if not sets:
+    raise ModelSetError('nothing to concatenate: no model sets given.')
+  cat = lambda *xs: np.concatenate([np.asarray(x) for x in xs])
+  return ModelSet(jax.tree_util.tree_map(cat, *[s.params for s in sets]),
+                  jax.tree_util.tree_map(cat, *[s.batch_stats for s in sets]),
+                  cat(*[s.task_id for s in sets]), cat(*[s.run for s in sets]),
+                  cat(*[s.seed for s in sets]), cat(*[s.heldout_accuracy for s in sets]),
+                  sets[0].config)
+
+
+def save(path: str, model_set: ModelSet) -> None:
+  """Writes `model_set` to directory `path` atomically (replacing an older one)."""
+  path = os.path.abspath(path)
+  tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+  os.makedirs(tmp)
+  try:
+    tree = {'params': model_set.params, 'batch_stats': model_set.batch_stats}
+    tree = jax.tree_util.tree_map(np.asarray, tree)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, 'arrays'), tree)
+    ckptr.wait_until_finished()
+    meta = {'num_models': len(model_set),
+            'task_id': model_set.task_id.tolist(), 'run': model_set.run.tolist(),
+            'seed': model_set.seed.tolist(),
+            'heldout_accuracy': [float(a) for a in model_set.heldout_accuracy],
+            'config': model_set.config}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(path):
+      old = f'{path}.old-{uuid.uuid4().hex[:8]}'
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(path: str) -> ModelSet:
+  """Loads a model set written by `save` (or by `experiments.train_population`).
+
+  `path` is the model-set directory, or a training workdir that holds one in `modelset/`.
+  """
+  if os.path.isdir(os.path.join(path, 'modelset')) and not os.path.exists(
+      os.path.join(path, 'meta.json')):
+    path = os.path.join(path, 'modelset')
+  meta_path = os.path.join(path, 'meta.json')
+  if not os.path.isfile(meta_path):
+    raise ModelSetError(f'no model set at {path!r} (missing meta.json); point at the '
+                        '"modelset" folder a finished train_population run writes.')
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, 'arrays')))
+  except Exception as e:  # orbax raises many types for damaged folders.
+    raise ModelSetError(f'model set at {path!r} is unreadable ({type(e).__name__}: {e}); '
+                        're-export it from its training workdir or retrain.') from e
+  tree = jax.tree_util.tree_map(np.asarray, tree)
+  n = meta['num_models']
+  sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(tree)}
+  if sizes != {n}:
+    raise ModelSetError(f'model set at {path!r} is inconsistent: meta.json lists {n} models, '
+                        f'arrays have leading sizes {sorted(sizes)}; re-export it.')
+  return ModelSet(tree['params'], tree['batch_stats'],
+                  np.asarray(meta['task_id'], np.int32), np.asarray(meta['run'], np.int32),
+                  np.asarray(meta['seed'], np.int64),
+                  np.asarray(meta['heldout_accuracy'], np.float32), meta['config'])
+
+
+def export_kernels(path: str, model_set: ModelSet, layers: Sequence[str] = ('conv1',)) -> None:
+  """Writes chosen conv kernels (HWIO, stacked over models) + metadata to a compressed .npz.
+
+  Small enough to commit for the first layer (500 models: ~0.9 MB), so tests and CI can use
+  real trained weights without retraining. Keys: 'kernel/<layer>', task_id, run, seed,
+  heldout_accuracy, config (JSON string).
+  """
+  arrays = {f'kernel/{name}': np.asarray(resnet.get_kernel(model_set.params, name), np.float32)
+            for name in layers}
+  np.savez_compressed(path, task_id=model_set.task_id, run=model_set.run, seed=model_set.seed,
+                      heldout_accuracy=model_set.heldout_accuracy,
+                      config=np.asarray(json.dumps(model_set.config)), **arrays)
+
+
+def markdown_summary(model_set: ModelSet, wall_seconds: float | None = None,
+                     machine: str = '', command: str = '') -> str:
+  """Per-task held-out accuracy (mean, min, max over runs) of a model set, as markdown."""
+  acc, tasks = model_set.heldout_accuracy, model_set.task_id
+  lines = ['# Model set summary', '']
+  if command:
+    lines += [f'Command: `{command}`', '']
+  if wall_seconds is not None:
+    lines += [f'Wall time: {wall_seconds:.0f} s ({wall_seconds / 60:.1f} min) on {machine}', '']
+  lines += [f'{len(model_set)} models, {np.unique(tasks).size} tasks; held-out accuracy '
+            f'mean {acc.mean():.3f}, median {np.median(acc):.3f}, min {acc.min():.3f}, '
+            f'max {acc.max():.3f} (chance 0.5).', '',
+            '| task | fine labels | runs | mean acc | min | max |', '|---|---|---|---|---|---|']
+  for t in np.unique(tasks):
+    a = acc[tasks == t]
+    lines.append(f'| {t} | {2 * t}, {2 * t + 1} | {a.size} | {a.mean():.3f} | {a.min():.3f} '
+                 f'| {a.max():.3f} |')
+  return '\n'.join(lines) + '\n'

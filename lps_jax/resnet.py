@@ -1,0 +1,149 @@
+"""ResNet-20 for CIFAR (He et al. 2016), the paper's first-order network (Sec. 5).
+
+3x3 conv (16) -> three stages of basic blocks (16/32/64 channels) with BatchNorm, a 1x1 conv +
+BN shortcut where the shape changes, global average pooling, dense. Parameter names are stable:
+
+  conv1/kernel, bn1/{scale,bias}
+  stage{s}_block{b}/conv1/kernel, .../bn1, .../conv2/kernel, .../bn2,
+  stage{s}_block{b}/shortcut_conv/kernel, .../shortcut_bn   (only where the shape changes)
+  dense/{kernel,bias}
+
+Kernels are HWIO: (h, w, in_channels, filters). `conv_layer_names` lists the 3x3 kernels that
+LPS aligns (19 for ResNet-20: conv1 + 18 block convs, no shortcuts, no dense) in network order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ('lax', 'im2col')
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  """Architecture. Defaults are ResNet-20: 3 stages x 3 blocks, widths 16/32/64."""
+  blocks_per_stage: Tuple[int, ...] = (3, 3, 3)
+  widths: Tuple[int, ...] = (16, 32, 64)
+  num_classes: int = 2
+
+  def __post_init__(self):
+    if len(self.blocks_per_stage) != len(self.widths) or not self.widths:
+      raise ValueError(f'blocks_per_stage {self.blocks_per_stage} and widths {self.widths} '
+                       'must be non-empty and of equal length.')
+
+
+def conv_layer_names(config: ResNetConfig = ResNetConfig()) -> list[str]:
+  """The 3x3 conv layers in network order, as '/'-joined parameter paths (19 for ResNet-20)."""
+  names = ['conv1']
+  for s, n_blocks in enumerate(config.blocks_per_stage, start=1):
+    for b in range(1, n_blocks + 1):
+      names += [f'stage{s}_block{b}/conv1', f'stage{s}_block{b}/conv2']
+  return names
+
+
+def get_kernel(params, name: str) -> jax.Array:
+  """Returns the kernel of conv layer `name` (e.g. 'stage2_block1/conv2') from a params tree.
+
+  Works on stacked populations too (leading model axes are kept).
+  """
+  node = params
+  for part in name.split('/'):
+    if not hasattr(node, 'keys') or part not in node:
+      raise KeyError(f'unknown conv layer {name!r}; valid names come from '
+                     'lps_jax.resnet.conv_layer_names(config).')
+    node = node[part]
+  return node['kernel']
+
+
+def conv_kernels(params, config: ResNetConfig = ResNetConfig()) -> list[jax.Array]:
+  """The 3x3 conv kernels (HWIO, optionally with leading model axes) in network order."""
+  return [get_kernel(params, n) for n in conv_layer_names(config)]
+
+
+def _im2col_conv(x, kernel, stride: int):
+  """'SAME'-padded conv as patches @ kernel: under vmap it is a batched matmul, not a grouped conv."""
+  kh, kw, cin, cout = kernel.shape
+  ho, wo = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+
+  def same_pad(size, out, k):  # XLA 'SAME': the extra row/column goes to the high side.
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+  xp = jnp.pad(x, ((0, 0), same_pad(x.shape[1], ho, kh), same_pad(x.shape[2], wo, kw), (0, 0)))
+  cols = [xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride, :]
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+  return jnp.einsum('nhwk,ko->nhwo', patches, kernel.reshape(kh * kw * cin, cout))
+
+
+class Conv(nn.Module):
+  """Bias-free conv with an HWIO `kernel`, as `lax` conv or im2col + matmul (same result)."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  impl: str = 'lax'
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    if self.impl == 'im2col':
+      return _im2col_conv(x, kernel, self.strides)
+    if self.impl != 'lax':
+      raise ValueError(f'unknown conv impl {self.impl!r}; choose from {CONV_IMPLS}.')
+    return jax.lax.conv_general_dilated(
+        x, kernel, (self.strides, self.strides), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int
+  conv_impl: str = 'lax'
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                     epsilon=1e-5, name=name)
+    y = Conv(self.features, 3, self.strides, self.conv_impl, name='conv1')(x)
+    y = nn.relu(norm('bn1')(y))
+    y = Conv(self.features, 3, 1, self.conv_impl, name='conv2')(y)
+    y = norm('bn2')(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = Conv(self.features, 1, self.strides, self.conv_impl, name='shortcut_conv')(x)
+      x = norm('shortcut_bn')(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """CIFAR ResNet; `features=True` returns the pooled features instead of the logits."""
+  config: ResNetConfig = ResNetConfig()
+  conv_impl: str = 'lax'
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, features: bool = False):
+    cfg = self.config
+    x = Conv(cfg.widths[0], 3, 1, self.conv_impl, name='conv1')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn1')(x)
+    x = nn.relu(x)
+    for s, (n_blocks, width) in enumerate(zip(cfg.blocks_per_stage, cfg.widths), start=1):
+      for b in range(1, n_blocks + 1):
+        strides = 2 if (s > 1 and b == 1) else 1
+        x = BasicBlock(width, strides, self.conv_impl, name=f'stage{s}_block{b}')(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    if features:
+      return x
+    return nn.Dense(cfg.num_classes, name='dense')(x)
+
+
+def init_variables(key: jax.Array, config: ResNetConfig = ResNetConfig()) -> dict[str, Any]:
+  """Initial {'params', 'batch_stats'} of one model."""
+  return ResNet(config).init(key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
