@@ -147,3 +147,48 @@ def init_variables(key: jax.Array, config: ResNetConfig = ResNetConfig()) -> dic
 
 def param_count(params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def random_permutation(variables: dict, key: jax.Array,
+                       config: ResNetConfig = ResNetConfig()) -> dict:
+  """Applies a random function-preserving channel permutation to one model's variables.
+
+  Each conv's output channels are permuted together with their BatchNorm parameters and the
+  next layers' input channels; convs whose outputs meet at a residual sum (the stem, each
+  block's conv2 and shortcut within a stage) share one permutation. The network computes the
+  same function (Sec. 4: the order of filters and channels is changeable).
+  """
+  params, stats = jax.tree_util.tree_map(lambda x: x, (variables['params'],
+                                                        variables['batch_stats']))
+  keys = iter(jax.random.split(key, 64))
+  perm = lambda n: jax.random.permutation(next(keys), n)
+
+  def permute_out(tree_p, tree_s, conv, bn, p):
+    tree_p[conv]['kernel'] = jnp.take(tree_p[conv]['kernel'], p, axis=3)
+    for leaf in ('scale', 'bias'):
+      tree_p[bn][leaf] = jnp.take(tree_p[bn][leaf], p, axis=0)
+    for leaf in ('mean', 'var'):
+      tree_s[bn][leaf] = jnp.take(tree_s[bn][leaf], p, axis=0)
+
+  def permute_in(tree_p, conv, p):
+    tree_p[conv]['kernel'] = jnp.take(tree_p[conv]['kernel'], p, axis=2)
+
+  stream = perm(config.widths[0])
+  permute_out(params, stats, 'conv1', 'bn1', stream)
+  for s, (n_blocks, width) in enumerate(zip(config.blocks_per_stage, config.widths), start=1):
+    new_stream = perm(width) if width != len(stream) or s > 1 else stream
+    for b in range(1, n_blocks + 1):
+      name = f'stage{s}_block{b}'
+      bp, bs = params[name], stats[name]
+      inner = perm(width)
+      permute_in(bp, 'conv1', stream)
+      permute_out(bp, bs, 'conv1', 'bn1', inner)
+      permute_in(bp, 'conv2', inner)
+      out = stream if 'shortcut_conv' not in bp else new_stream
+      permute_out(bp, bs, 'conv2', 'bn2', out)
+      if 'shortcut_conv' in bp:
+        permute_in(bp, 'shortcut_conv', stream)
+        permute_out(bp, bs, 'shortcut_conv', 'shortcut_bn', out)
+      stream = out
+  params['dense']['kernel'] = jnp.take(params['dense']['kernel'], stream, axis=0)
+  return {'params': params, 'batch_stats': stats}

@@ -1,0 +1,148 @@
+"""Alignment of first-order conv filters against learned second-order filters (Sec. 4).
+
+Pure functions, one per equation. Kernels are HWIO: a first-order kernel `theta` is
+(h, w, c, g) with c input channels and g filters; the second-order filters `phi` of that layer
+are (h, w, c, G). Every function works under `jax.jit`, `jax.vmap` (e.g. over a leading
+population axis) and `jax.grad` with respect to `phi` (gradients flow through max and sort).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_pair(theta, phi):
+  if theta.ndim != 4 or phi.ndim != 4:
+    raise ValueError(f'theta and phi must be HWIO kernels of rank 4, got shapes {theta.shape} '
+                     f'and {phi.shape}; transpose PyTorch OIHW kernels with (2, 3, 1, 0).')
+  if theta.shape[:3] != phi.shape[:3]:
+    raise ValueError(f'phi {phi.shape} must match theta {theta.shape} in (h, w, c): the '
+                     'second-order filters of a layer have its spatial size and input channels.')
+
+
+def frobenius_scores(theta: jax.Array, phi: jax.Array) -> jax.Array:
+  """Eq. 5: s[gi, gj, ci, cj] = <theta[:, :, ci, gi], phi[:, :, cj, gj]>_F; (g, G, c, c)."""
+  _check_pair(theta, phi)
+  return jnp.einsum('hwcg,hwdG->gGcd', theta, phi)
+
+
+def channel_max(s: jax.Array) -> jax.Array:
+  """Eq. 6: sum over cj of max over ci of s[gi, gj, ci, cj]; (g, G, c, c) -> (g, G)."""
+  if s.ndim != 4 or s.shape[2] != s.shape[3]:
+    raise ValueError(f'expected Frobenius scores of shape (g, G, c, c), got {s.shape}.')
+  return jnp.sum(jnp.max(s, axis=2), axis=-1)
+
+
+def first_layer_scores(theta: jax.Array, phi: jax.Array) -> jax.Array:
+  """Eq. 7: s[gi, gj] = sum_{h,w,c} theta[h,w,c,gi] phi[h,w,c,gj] (input channels are RGB)."""
+  _check_pair(theta, phi)
+  return jnp.einsum('hwcg,hwcG->gG', theta, phi)
+
+
+def sort_filters(s: jax.Array) -> jax.Array:
+  """Eq. 8: ascending sort over the filter axis gi, independently for each gj; (g, G)."""
+  if s.ndim != 2:
+    raise ValueError(f'expected scores of shape (g, G), got {s.shape}.')
+  return jnp.sort(s, axis=0)
+
+
+def channel_scores(theta: jax.Array, phi: jax.Array, channel_align: bool = True) -> jax.Array:
+  """(g, G) scores of a layer >= 2 before the sort.
+
+  channel_align=True: Eq. 5 + 6 (max over the first-order channel matched to each cj).
+  channel_align=False: channels matched by index, sum_c s[gi, gj, c, c] (no alignment).
+  """
+  if not channel_align:
+    return first_layer_scores(theta, phi)
+  return channel_max(frobenius_scores(theta, phi))
+
+
+def align_layer(theta: jax.Array, phi: jax.Array, first_layer: bool,
+                channel_align: bool = True, filter_align: bool = True) -> jax.Array:
+  """Eq. 7 (first layer) or Eq. 5 + 6 (other layers), then Eq. 8; returns (g, G).
+
+  `channel_align` / `filter_align` switch Eq. 6 / Eq. 8 off for the ablations (Fig. 3c) and the
+  "without alignment" baseline.
+  """
+  s = first_layer_scores(theta, phi) if first_layer else channel_scores(theta, phi, channel_align)
+  return sort_filters(s) if filter_align else s
+
+
+def align_network(params, phis: Sequence[jax.Array], layers: Optional[Sequence] = None,
+                  channel_align: bool = True, filter_align: bool = True) -> list[jax.Array]:
+  """Aligned (g, G) scores of the selected 3x3 conv layers of a ResNet parameter tree.
+
+  `layers` are names from `lps_jax.resnet.conv_layer_names` or indices into it (default: all
+  19 for ResNet-20, network order); `phis` has one (h, w, c, G) array per selected layer.
+  Layer 0 ('conv1') uses Eq. 7, the others Eq. 5 + 6; all then Eq. 8.
+  """
+  names = _conv_layer_names(params)
+  selected = _select_layers(names, layers)
+  if len(phis) != len(selected):
+    raise ValueError(f'got {len(phis)} phi arrays for {len(selected)} selected layers.')
+  out = []
+  for (i, name), phi in zip(selected, phis):
+    node = params
+    for part in name.split('/'):
+      node = node[part]
+    out.append(align_layer(node['kernel'], phi, first_layer=(i == 0),
+                           channel_align=channel_align, filter_align=filter_align))
+  return out
+
+
+def _conv_layer_names(params) -> list[str]:
+  """3x3 conv layers of a ResNet params tree in network order (conv1, stage*_block*/conv{1,2})."""
+  if 'conv1' not in params:
+    raise ValueError('params has no "conv1": pass the params tree of lps_jax.resnet.ResNet.')
+  names = ['conv1']
+  blocks = sorted((k for k in params if k.startswith('stage')),
+                  key=lambda k: tuple(int(x) for x in k[5:].split('_block')))
+  for b in blocks:
+    names += [f'{b}/conv1', f'{b}/conv2']
+  return names
+
+
+def _select_layers(names: list[str], layers) -> list[tuple[int, str]]:
+  if layers is None:
+    return list(enumerate(names))
+  out = []
+  for layer in layers:
+    if isinstance(layer, str):
+      if layer not in names:
+        raise ValueError(f'unknown layer {layer!r}; valid: {names}.')
+      out.append((names.index(layer), layer))
+    else:
+      if not 0 <= int(layer) < len(names):
+        raise ValueError(f'layer index {layer} out of range [0, {len(names)}).')
+      out.append((int(layer), names[int(layer)]))
+  return out
+
+
+def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
+                     models_per_chunk: int = 64, channel_align: bool = True,
+                     filter_align: bool = True) -> jax.Array:
+  """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G), chunked over models.
+
+  A 64-channel layer's (g, G, c, c) scores are ~105 MB per model at G = 100, so only
+  `models_per_chunk` models are aligned at once (one compiled program for every chunk).
+  """
+  if kernels.ndim != 5:
+    raise ValueError(f'expected stacked kernels (M, h, w, c, g), got {kernels.shape}.')
+  m = kernels.shape[0]
+  size = min(models_per_chunk, m)
+  outs = []
+  for start in range(0, m, size):
+    part = kernels[start:start + size]
+    n = part.shape[0]
+    if n < size:  # Pad the last chunk so it reuses the compiled program.
+      part = jnp.concatenate([part, jnp.repeat(part[-1:], size - n, axis=0)])
+    outs.append(_align_stack(part, phi, first_layer, channel_align, filter_align)[:n])
+  return jnp.concatenate(outs)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _align_stack(kernels, phi, first_layer, channel_align, filter_align):
+  return jax.vmap(lambda t: align_layer(t, phi, first_layer, channel_align, filter_align))(kernels)
