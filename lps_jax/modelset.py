@@ -155,3 +155,36 @@ def markdown_summary(model_set: ModelSet, wall_seconds: float | None = None,
     lines.append(f'| {t} | {2 * t}, {2 * t + 1} | {a.size} | {a.mean():.3f} | {a.min():.3f} '
                  f'| {a.max():.3f} |')
   return '\n'.join(lines) + '\n'
+
+
+def load_kernels(path: str, layer_weights_len: int = 1):
+  """Conv kernels + task labels from a model set directory or an `export_kernels` .npz.
+
+  Returns (kernels, task_id, names): kernels[l] is the (M, h, w, c, g) stack of conv layer l
+  (network order, `resnet.conv_layer_names`) for l < layer_weights_len, or None where the
+  file does not hold that layer (an exported .npz usually holds only the first).
+  """
+  if path.endswith('.npz'):
+    if not os.path.isfile(path):
+      raise ModelSetError(f'kernel file not found: {path!r}; export one with '
+                          'train_population --export_kernels, or pass a model set folder.')
+    with np.load(path) as f:
+      config = json.loads(str(f['config']))
+      names = resnet.conv_layer_names(resnet.ResNetConfig(
+          **{k: tuple(v) if isinstance(v, list) else v for k, v in config['model'].items()}))
+      kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
+                 for n in names[:layer_weights_len]]
+      task_id = np.asarray(f['task_id'])
+  else:
+    ms = load(path)
+    cfg = ms.config['model']
+    names = resnet.conv_layer_names(resnet.ResNetConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+    kernels = [np.asarray(resnet.get_kernel(ms.params, n)) for n in names[:layer_weights_len]]
+    task_id = ms.task_id
+  for name, k in zip(names, kernels):
+    if k is not None and not np.all(np.isfinite(k)):
+      bad = np.flatnonzero(~np.isfinite(k).reshape(k.shape[0], -1).all(axis=1))
+      raise ModelSetError(f'{path}: layer {name} has NaN/Inf weights in models {bad[:10]}; '
+                          'retrain or drop those models.')
+  return kernels, task_id, names

@@ -8,7 +8,7 @@ for group in "$@"; do
   size=${group%%:*}; configs=${group#*:}
   for cfg in ${configs//,/ }; do
     name=$(echo "$size-$cfg" | tr '/' '_')
-    timeout "${PER_CONFIG_TIMEOUT:-90}" python3 -m experiments.benchmark --population_sizes="$size" \
+    timeout "${PER_CONFIG_TIMEOUT:-90}" python3 -m experiments.benchmark --suites=train --population_sizes="$size" \
       --configs="$cfg" --batch_size="${BATCH:-128}" --num_steps="${STEPS:-5}" \
       --out="$OUT/bench_$name.json" > "$OUT/bench_$name.log" 2>&1
     echo "$size $cfg rc=$? $(grep -E 'img/s' "$OUT/bench_$name.log" | head -1)"
