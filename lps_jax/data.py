@@ -7,6 +7,7 @@ by index inside jitted code with no host round trip.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import socket
 from typing import Optional, Sequence
@@ -103,6 +104,10 @@ def load_tfds(split: str, data_dir: Optional[str] = None, download: bool = True,
           f'download it; run offline with --dataset=npz --npz_path={DEFAULT_NPZ} (the '
           'CIFAR-100 test split), or prepare tfds data on a connected machine and pass '
           '--tfds_data_dir.')
+    if importlib.util.find_spec('tensorflow') is None:
+      raise DataError('preparing tfds cifar100 (one-time download + encode) needs TensorFlow: '
+                      'pip install tensorflow-cpu, then rerun (reading a prepared copy does not '
+                      'need it); or run offline with --dataset=npz.')
     builder.download_and_prepare()
   source = builder.as_data_source(split=split)
   records = source.__getitems__(list(range(len(source))))

@@ -170,16 +170,13 @@ def load_kernels(path: str, layer_weights_len: int = 1):
                           'train_population --export_kernels, or pass a model set folder.')
     with np.load(path) as f:
       config = json.loads(str(f['config']))
-      names = resnet.conv_layer_names(resnet.ResNetConfig(
-          **{k: tuple(v) if isinstance(v, list) else v for k, v in config['model'].items()}))
+      names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
       kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
                  for n in names[:layer_weights_len]]
       task_id = np.asarray(f['task_id'])
   else:
     ms = load(path)
-    cfg = ms.config['model']
-    names = resnet.conv_layer_names(resnet.ResNetConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+    names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(ms.config['model']))
     kernels = [np.asarray(resnet.get_kernel(ms.params, n)) for n in names[:layer_weights_len]]
     task_id = ms.task_id
   for name, k in zip(names, kernels):

@@ -76,8 +76,7 @@ class PopulationConfig:
   @staticmethod
   def from_json(d: dict) -> 'PopulationConfig':
     d = dict(d)
-    d['model'] = resnet.ResNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in d['model'].items()})
+    d['model'] = resnet.ResNetConfig.from_dict(d['model'])
     d['train'] = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in d['train'].items()})
     d['task_ids'] = tuple(d['task_ids'])
@@ -204,8 +203,8 @@ def make_population_fn(fn: Callable, in_axes: Sequence[Optional[int]], strategy:
     jitted = jax.jit(fn)
 
     def looped(*args):
-      n = next(a for a, ax in zip(args, in_axes) if ax == 0)
-      n = jax.tree_util.tree_leaves(n)[0].shape[0]
+      stacked = next(a for a, ax in zip(args, in_axes) if ax == 0)
+      n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
       outs = [jitted(*[jax.tree_util.tree_map(lambda x: x[i], a) if ax == 0 else a
                        for a, ax in zip(args, in_axes)]) for i in range(n)]
       return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)

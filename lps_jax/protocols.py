@@ -36,15 +36,19 @@ def classification_split(task_id: np.ndarray, test_per_task: int = 2,
                          seed: int = 0) -> ClassificationSplit:
   """Per task, `test_per_task` random models are test, the rest train (paper: 8 / 2)."""
   rng = np.random.default_rng(seed)
-  train, test = [], []
-  for t, rows in _rows_per_task(task_id).items():
-    if rows.size <= test_per_task:
-      raise ValueError(f'task {t} has {rows.size} models; need more than {test_per_task} for '
-                       'a train / test split (train more runs per task).')
-    rows = rows[rng.permutation(rows.size)]
-    test.append(rows[:test_per_task])
-    train.append(rows[test_per_task:])
-  return ClassificationSplit(np.concatenate(train), np.concatenate(test))
+  parts = [_cut(rows, test_per_task, t, rng, 'a train / test split')
+           for t, rows in _rows_per_task(task_id).items()]
+  return ClassificationSplit(np.concatenate([p[1] for p in parts]),
+                             np.concatenate([p[0] for p in parts]))
+
+
+def _cut(rows: np.ndarray, n_first: int, task: int, rng, purpose: str):
+  """Shuffles one task's model rows and cuts off the first `n_first`."""
+  if rows.size <= n_first:
+    raise ValueError(f'task {task} has {rows.size} models; need more than {n_first} for '
+                     f'{purpose} (train more runs per task).')
+  rows = rows[rng.permutation(rows.size)]
+  return rows[:n_first], rows[n_first:]
 
 
 def retrieval_split(task_id: np.ndarray, test_tasks: int = 10, query_per_task: int = 2,
@@ -56,15 +60,9 @@ def retrieval_split(task_id: np.ndarray, test_tasks: int = 10, query_per_task: i
   if tasks.size <= test_tasks:
     raise ValueError(f'{tasks.size} tasks cannot hold out {test_tasks}; lower --test_tasks.')
   held = np.sort(rng.choice(tasks, size=test_tasks, replace=False))
-  query, gallery = [], []
-  for t in held:
-    rows = per_task[int(t)]
-    if rows.size <= query_per_task:
-      raise ValueError(f'task {t} has {rows.size} models; need more than {query_per_task} for '
-                       'query + gallery (train more runs per task).')
-    rows = rows[rng.permutation(rows.size)]
-    query.append(rows[:query_per_task])
-    gallery.append(rows[query_per_task:])
+  parts = [_cut(per_task[int(t)], query_per_task, int(t), rng, 'query + gallery')
+           for t in held]
+  query, gallery = [p[0] for p in parts], [p[1] for p in parts]
   train_tasks = np.setdiff1d(tasks, held)
   train = np.flatnonzero(np.isin(task_id, train_tasks))
   return RetrievalSplit(train, np.concatenate(query), np.concatenate(gallery), train_tasks, held)

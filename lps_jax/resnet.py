@@ -30,6 +30,11 @@ class ResNetConfig:
   widths: Tuple[int, ...] = (16, 32, 64)
   num_classes: int = 2
 
+  @staticmethod
+  def from_dict(d: dict) -> 'ResNetConfig':
+    """Inverse of dataclasses.asdict (JSON lists back to tuples)."""
+    return ResNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
   def __post_init__(self):
     if len(self.blocks_per_stage) != len(self.widths) or not self.widths:
       raise ValueError(f'blocks_per_stage {self.blocks_per_stage} and widths {self.widths} '

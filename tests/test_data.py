@@ -80,3 +80,13 @@ def test_tfds_offline_fails_fast_with_the_offline_option(tmp_path, monkeypatch):
   assert time.time() - t0 < 30
   with pytest.raises(data.DataError, match='download is off'):
     data.load_tfds('train', data_dir=str(tmp_path), download=False)
+
+
+def test_tfds_prepare_without_tensorflow_is_a_clear_error(tmp_path, monkeypatch):
+  import importlib.util
+  monkeypatch.setattr(data, '_network_reachable', lambda *a, **k: True)
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'tensorflow' else real(name, *a))
+  with pytest.raises(data.DataError, match='needs TensorFlow'):
+    data.load_tfds('train', data_dir=str(tmp_path))

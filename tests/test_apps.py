@@ -1,0 +1,41 @@
+"""The absl apps fail on bad input with one clear line (subprocess, as a user runs them)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def test_train_population_missing_npz(tmp_path):
+  r = _run('experiments.train_population', '--dataset=npz', f'--npz_path={tmp_path}/x.npz',
+           f'--workdir={tmp_path}/wd', '--num_tasks=2', '--runs_per_task=1')
+  assert r.returncode != 0
+  assert 'error: npz file not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_train_population_too_many_tasks(tmp_path):
+  r = _run('experiments.train_population', '--dataset=npz', '--num_tasks=60',
+           f'--workdir={tmp_path}/wd')
+  assert r.returncode != 0 and 'lower --num_tasks' in r.stderr
+
+
+def test_lps_main_bad_model_sets(tmp_path):
+  r = _run('experiments.lps_main', f'--modelset={tmp_path}/none.npz')
+  assert r.returncode != 0 and 'error: kernel file not found' in r.stderr
+  src = np.load(os.path.join(ROOT, 'results', 'modelset_test_gpu_full', 'first_layer_kernels.npz'))
+  arrays = {k: src[k] for k in src.files}
+  arrays['kernel/conv1'] = arrays['kernel/conv1'].copy()
+  arrays['kernel/conv1'][3, 0, 0, 0, 0] = np.nan
+  np.savez(tmp_path / 'nan.npz', **arrays)
+  r = _run('experiments.lps_main', f'--modelset={tmp_path}/nan.npz')
+  assert r.returncode != 0 and 'NaN/Inf weights in models [3]' in r.stderr
+  r = _run('experiments.lps_main', '--modelset=results/modelset_test_gpu_full/first_layer_kernels.npz',
+           '--layer_weights=0,1')
+  assert r.returncode != 0 and "no kernels for ['stage1_block1/conv1']" in r.stderr
