@@ -56,7 +56,6 @@ def align_suite():
   """Aligns a population's kernels of each ResNet-20 layer shape against G filters."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from lps_jax import align
   m, G = FLAGS.align_models, FLAGS.num_filters
   shapes = [('conv1 (layer 1)', (3, 3, 3, 16), True), ('16->16 (layers 2-7)', (3, 3, 16, 16), False),

@@ -6,7 +6,7 @@ stacks (entries for layers with zero weight may be None), and `task_id` (M,).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

@@ -14,7 +14,7 @@ LPS aligns (19 for ResNet-20: conv1 + 18 block convs, no shortcuts, no dense) in
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax

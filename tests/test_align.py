@@ -6,7 +6,6 @@ import pytest
 
 from lps_jax import align, resnet
 
-jax.config.update('jax_enable_x64', False)
 
 
 def _np_scores(theta, phi):
