@@ -42,8 +42,8 @@ def test_each_equation_matches_numpy_reference():
                                                filter_align=False), fl_ref, rtol=1e-4, atol=1e-4)
 
 
-def _phis(key, params, G=7):
-  kernels = resnet.conv_kernels(params)
+def _phis(key, params, G=7, config=resnet.ResNetConfig()):
+  kernels = resnet.conv_kernels(params, config)
   return [jax.random.normal(k, kern.shape[:3] + (G,))
           for k, kern in zip(jax.random.split(key, len(kernels)), kernels)]
 
@@ -120,3 +120,24 @@ def test_bad_inputs():
     align.align_network(v['params'], phis[:2], layers=[0])
   out = align.align_network(v['params'], [phis[0], phis[5]], layers=['conv1', 5])
   assert [o.shape for o in out] == [(16, 7), (16, 7)]
+
+
+def test_vmapped_align_network_over_a_population_compiles_once():
+  cfg = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
+  pops = [jax.vmap(lambda k: resnet.init_variables(k, cfg)['params'])(
+      jax.random.split(jax.random.PRNGKey(s), 5)) for s in (0, 1)]
+  single = jax.tree_util.tree_map(lambda x: x[0], pops[0])
+  phis = _phis(jax.random.PRNGKey(2), single, G=6, config=cfg)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def aligned(params, phis):
+    return jax.vmap(lambda p: align.align_network(p, phis))(params)
+
+  a, b = aligned(pops[0], phis), aligned(pops[1], phis)
+  assert len(a) == len(resnet.conv_layer_names(cfg)) == 7
+  assert [x.shape for x in a] == [(5, 4, 6), (5, 4, 6), (5, 4, 6), (5, 8, 6), (5, 8, 6),
+                                  (5, 8, 6), (5, 8, 6)]
+  np.testing.assert_allclose(a[3][2], align.align_network(
+      jax.tree_util.tree_map(lambda x: x[2], pops[0]), phis)[3], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(a[0], b[0])
