@@ -70,15 +70,14 @@ def align_suite():
     h, w, c, g = shape
     flops = 2 * h * w * c * g * G * (1 if first else c)  # Eq. 7 or Eq. 5 per model.
     chunk = min(FLAGS.align_chunk, m)
-    vm = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk)
+    vm = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk, strategy='vmap')
     t_vmap = _time(vm, kernels, phi)
     compiled = jax.jit(jax.vmap(lambda t, p: align.align_layer(t, p, first), (0, None))).lower(
         kernels[:chunk], phi).compile()
     mem = compiled.memory_analysis()
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
             if mem is not None else float('nan'))
-    single = jax.jit(lambda t, p: align.align_layer(t, p, first))
-    loop = lambda k, p: [single(k[i], p) for i in range(k.shape[0])]
+    loop = lambda k, p: align.align_population(k, p, first, strategy='loop')
     t_loop = _time(loop, kernels, phi, repeats=1)
     grad = jax.jit(jax.grad(lambda p, k: jnp.sum(jax.vmap(
         lambda t: align.align_layer(t, p, first))(k))))

@@ -123,14 +123,25 @@ def _select_layers(names: list[str], layers) -> list[tuple[int, str]]:
 
 def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
                      models_per_chunk: int = 64, channel_align: bool = True,
-                     filter_align: bool = True) -> jax.Array:
-  """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G), chunked over models.
+                     filter_align: bool = True, strategy: str = 'auto') -> jax.Array:
+  """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G).
 
-  A 64-channel layer's (g, G, c, c) scores are ~105 MB per model at G = 100, so only
-  `models_per_chunk` models are aligned at once (one compiled program for every chunk).
+  strategy 'vmap': chunks of `models_per_chunk` models, vmapped (one compiled program for
+  every chunk). A 64-channel layer's (g, G, c, c) scores are ~105 MB per model at G = 100, so
+  the chunk bounds memory. 'loop': one jitted model at a time. 'auto': the faster measured on
+  the backend (`experiments.benchmark --suites=align`): the loop on CPU for layers >= 2 (2.4x
+  and 3.7x faster than vmap on 16- and 32-channel layers, on par on 64-channel ones); vmap
+  elsewhere (8-70x the loop on an H100).
   """
   if kernels.ndim != 5:
     raise ValueError(f'expected stacked kernels (M, h, w, c, g), got {kernels.shape}.')
+  if strategy == 'auto':
+    strategy = 'loop' if (jax.default_backend() == 'cpu' and not first_layer) else 'vmap'
+  if strategy == 'loop':
+    return jnp.stack([_align_one(kernels[i], phi, first_layer, channel_align, filter_align)
+                      for i in range(kernels.shape[0])])
+  if strategy != 'vmap':
+    raise ValueError(f"unknown strategy {strategy!r}; choose 'auto', 'vmap' or 'loop'.")
   m = kernels.shape[0]
   size = min(models_per_chunk, m)
   outs = []
@@ -141,6 +152,9 @@ def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
       part = jnp.concatenate([part, jnp.repeat(part[-1:], size - n, axis=0)])
     outs.append(_align_stack(part, phi, first_layer, channel_align, filter_align)[:n])
   return jnp.concatenate(outs)
+
+
+_align_one = jax.jit(align_layer, static_argnums=(2, 3, 4))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

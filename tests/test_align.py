@@ -84,8 +84,10 @@ def test_population_compiles_once_and_gradient_matches_finite_differences():
   out = aligned(pop, phi)
   out2 = aligned(pop + 1.0, phi * 2.0)  # New values, same shapes: no retrace.
   assert out.shape == out2.shape == (6, 5, 4)
-  np.testing.assert_allclose(align.align_population(pop, phi, False, models_per_chunk=4), out,
-                             rtol=1e-5, atol=1e-5)
+  for strategy in ('vmap', 'loop', 'auto'):
+    np.testing.assert_allclose(
+        align.align_population(pop, phi, False, models_per_chunk=4, strategy=strategy), out,
+        rtol=1e-5, atol=1e-5)
 
   w = jnp.asarray(rng.normal(size=(6, 5, 4)), jnp.float32)
   loss = lambda p: jnp.sum(w * aligned(pop, p))
