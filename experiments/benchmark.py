@@ -116,10 +116,8 @@ def train_suite():
       n_dev = int(n_dev)
       if n_dev > len(jax.local_devices()) or size % n_dev:
         continue
-      runs = max(1, size // 50) if size >= 50 else 1
       tasks = tuple(range(min(size, 50)))
-      if size > 50:
-        runs = -(-size // 50)
+      runs = -(-size // len(tasks))  # Enough models for one chunk of `size`.
       cfg = population.PopulationConfig(
           task_ids=tasks, runs_per_task=runs, dataset='npz',
           train=population.TrainConfig(batch_size=FLAGS.batch_size))

@@ -157,11 +157,11 @@ def markdown_summary(model_set: ModelSet, wall_seconds: float | None = None,
   return '\n'.join(lines) + '\n'
 
 
-def load_kernels(path: str, layer_weights_len: int = 1):
+def load_kernels(path: str, num_layers: int = 1):
   """Conv kernels + task labels from a model set directory or an `export_kernels` .npz.
 
   Returns (kernels, task_id, names): kernels[l] is the (M, h, w, c, g) stack of conv layer l
-  (network order, `resnet.conv_layer_names`) for l < layer_weights_len, or None where the
+  (network order, `resnet.conv_layer_names`) for l < num_layers, or None where the
   file does not hold that layer (an exported .npz usually holds only the first).
   """
   if path.endswith('.npz'):
@@ -172,12 +172,12 @@ def load_kernels(path: str, layer_weights_len: int = 1):
       config = json.loads(str(f['config']))
       names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
       kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
-                 for n in names[:layer_weights_len]]
+                 for n in names[:num_layers]]
       task_id = np.asarray(f['task_id'])
   else:
     ms = load(path)
     names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(ms.config['model']))
-    kernels = [np.asarray(resnet.get_kernel(ms.params, n)) for n in names[:layer_weights_len]]
+    kernels = [np.asarray(resnet.get_kernel(ms.params, n)) for n in names[:num_layers]]
     task_id = ms.task_id
   for name, k in zip(names, kernels):
     if k is not None and not np.all(np.isfinite(k)):

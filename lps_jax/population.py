@@ -77,8 +77,7 @@ class PopulationConfig:
   def from_json(d: dict) -> 'PopulationConfig':
     d = dict(d)
     d['model'] = resnet.ResNetConfig.from_dict(d['model'])
-    d['train'] = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in d['train'].items()})
+    d['train'] = TrainConfig(**resnet.tuples_from_json(d['train']))
     d['task_ids'] = tuple(d['task_ids'])
     return PopulationConfig(**d)
 

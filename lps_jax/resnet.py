@@ -23,6 +23,11 @@ import jax.numpy as jnp
 CONV_IMPLS = ('lax', 'im2col')
 
 
+def tuples_from_json(d: dict) -> dict:
+  """JSON lists back to the tuples a frozen config dataclass holds."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
   """Architecture. Defaults are ResNet-20: 3 stages x 3 blocks, widths 16/32/64."""
@@ -33,7 +38,7 @@ class ResNetConfig:
   @staticmethod
   def from_dict(d: dict) -> 'ResNetConfig':
     """Inverse of dataclasses.asdict (JSON lists back to tuples)."""
-    return ResNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return ResNetConfig(**tuples_from_json(d))
 
   def __post_init__(self):
     if len(self.blocks_per_stage) != len(self.widths) or not self.widths:
@@ -165,8 +170,8 @@ def random_permutation(variables: dict, key: jax.Array,
   """
   params, stats = jax.tree_util.tree_map(lambda x: x, (variables['params'],
                                                         variables['batch_stats']))
-  keys = iter(jax.random.split(key, 64))
-  perm = lambda n: jax.random.permutation(next(keys), n)
+  counter = iter(range(10**9))
+  perm = lambda n: jax.random.permutation(jax.random.fold_in(key, next(counter)), n)
 
   def permute_out(tree_p, tree_s, conv, bn, p):
     tree_p[conv]['kernel'] = jnp.take(tree_p[conv]['kernel'], p, axis=3)
@@ -181,7 +186,6 @@ def random_permutation(variables: dict, key: jax.Array,
   stream = perm(config.widths[0])
   permute_out(params, stats, 'conv1', 'bn1', stream)
   for s, (n_blocks, width) in enumerate(zip(config.blocks_per_stage, config.widths), start=1):
-    new_stream = perm(width) if width != len(stream) or s > 1 else stream
     for b in range(1, n_blocks + 1):
       name = f'stage{s}_block{b}'
       bp, bs = params[name], stats[name]
@@ -189,7 +193,8 @@ def random_permutation(variables: dict, key: jax.Array,
       permute_in(bp, 'conv1', stream)
       permute_out(bp, bs, 'conv1', 'bn1', inner)
       permute_in(bp, 'conv2', inner)
-      out = stream if 'shortcut_conv' not in bp else new_stream
+      # A shortcut conv (shape change) starts a new residual stream; else the stream carries on.
+      out = perm(width) if 'shortcut_conv' in bp else stream
       permute_out(bp, bs, 'conv2', 'bn2', out)
       if 'shortcut_conv' in bp:
         permute_in(bp, 'shortcut_conv', stream)

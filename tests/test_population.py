@@ -153,8 +153,6 @@ def test_modelset_errors(tmp_path):
 def test_committed_first_layer_kernels_are_real_trained_weights():
   path = os.path.join(os.path.dirname(__file__), '..', 'results', 'modelset_test',
                       'first_layer_kernels.npz')
-  if not os.path.exists(path):
-    pytest.skip('results/modelset_test not committed yet')
   f = np.load(path)
   k = f['kernel/conv1']
   assert k.shape == (500, 3, 3, 3, 16) and np.all(np.isfinite(k))
