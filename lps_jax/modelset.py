@@ -157,6 +157,14 @@ def markdown_summary(model_set: ModelSet, wall_seconds: float | None = None,
   return '\n'.join(lines) + '\n'
 
 
+def layer_kernels(model_set: ModelSet, num_layers: int = 1):
+  """(kernels, names): the (M, h, w, c, g) stacks of the first `num_layers` conv layers."""
+  names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(model_set.config['model']))
+  if not 1 <= num_layers <= len(names):
+    raise ModelSetError(f'asked for {num_layers} conv layers; this ResNet has {len(names)}.')
+  return [np.asarray(resnet.get_kernel(model_set.params, n)) for n in names[:num_layers]], names
+
+
 def load_kernels(path: str, num_layers: int = 1):
   """Conv kernels + task labels from a model set directory or an `export_kernels` .npz.
 
@@ -176,8 +184,7 @@ def load_kernels(path: str, num_layers: int = 1):
       task_id = np.asarray(f['task_id'])
   else:
     ms = load(path)
-    names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(ms.config['model']))
-    kernels = [np.asarray(resnet.get_kernel(ms.params, n)) for n in names[:num_layers]]
+    kernels, names = layer_kernels(ms, num_layers)
     task_id = ms.task_id
   for name, k in zip(names, kernels):
     if k is not None and not np.all(np.isfinite(k)):

@@ -1,7 +1,12 @@
 """Evaluation protocols of Sec. 5.1 (task classification) and 5.2 (task retrieval).
 
-Both take plain arrays: `kernels`, a list over first-order conv layers of (M, h, w, c, g)
-stacks (entries for layers with zero weight may be None), and `task_id` (M,).
+All take plain arrays: `kernels`, a list over first-order conv layers of (M, h, w, c, g)
+stacks (entries for layers with zero weight may be None), and `task_id` (M,). With a
+`results.Cache`, trained second-order networks are stored under a key naming their config and a
+hash of their training data, and reused by any later run that needs the same network.
+
+Also the experiments built on them: per-branch accuracy (Sec. 5.4, Fig. 3b), the alignment
+ablation (Sec. 5.5, Fig. 3c) and transferability vs parameter similarity (Sec. 5.3, Fig. 3a).
 """
 from __future__ import annotations
 
@@ -10,7 +15,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from lps_jax import metrics, second_order
+import flax.serialization
+
+from lps_jax import metrics, results, second_order, transfer
+
+# Fig. 3c variants for layers >= 2: (label, second_order.METHODS key).
+ALIGNMENT_VARIANTS = (('w/o align', 'none'), ('filt.', 'filter_only'), ('chan.', 'channel_only'),
+                      ('filt. + chan.', 'lps'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,110 @@ def retrieval_split(task_id: np.ndarray, test_tasks: int = 10, query_per_task: i
   return RetrievalSplit(train, np.concatenate(query), np.concatenate(gallery), train_tasks, held)
 
 
+def fit_cached(config: second_order.SecondOrderConfig, num_classes: int, kernels, labels,
+               cache: Optional[results.Cache] = None,
+               progress: Optional[Callable] = None) -> second_order.SecondOrderModel:
+  """A trained `SecondOrderModel`: loaded from `cache` if this exact training ran before.
+
+  On a hit `progress(config.epochs, None)` is called once, so progress bars stay true.
+  """
+  model = second_order.SecondOrderModel(config, num_classes)
+  key = None
+  if cache is not None:
+    layers = config.active_layers()
+    key = {'kind': 'second_order_params', 'config': dataclasses.asdict(config),
+           'num_classes': num_classes,
+           'data': results.fingerprint(np.asarray(labels), *[np.asarray(kernels[i])
+                                                             for i in layers])}
+    blob = cache.get_bytes(key)
+    if blob is not None:
+      model.init(kernels)
+      model.params = flax.serialization.from_bytes(model.params, blob)
+      if progress is not None:
+        progress(config.epochs, None)
+      return model
+  model.fit(kernels, labels, progress=progress)
+  if cache is not None:
+    cache.put_bytes(key, flax.serialization.to_bytes(model.params))
+  return model
+
+
+def _one_hot_weights(layer: int) -> tuple[float, ...]:
+  return tuple(1.0 if i == layer else 0.0 for i in range(layer + 1))
+
+
+def _check_layers(layers, num_layers: int) -> list[int]:
+  bad = [l for l in layers if not 0 <= int(l) < num_layers]
+  if bad:
+    raise ValueError(f'branch indices {[b + 1 for b in bad]} are out of range: branches are '
+                     f'numbered 1..{num_layers} (one per conv layer).')
+  return [int(l) for l in layers]
+
+
+def run_branches(kernels, task_id, config: second_order.SecondOrderConfig, layers,
+                 split_seed: int = 0, progress: Optional[Callable] = None,
+                 cache: Optional[results.Cache] = None) -> dict:
+  """Fig. 3b: one branch at a time (w_l = 1 for l = l', else 0), task classification (LPS).
+
+  `layers` are 0-based conv layer indices (branch l' = layer + 1). Returns
+  {layer: {'top-1': .., 'top-5': .., 'top-10': ..}}.
+  """
+  layers = _check_layers(layers, len(kernels))
+  return {l: run_classification(kernels, task_id, 'lps',
+                                dataclasses.replace(config, layer_weights=_one_hot_weights(l)),
+                                split_seed, progress=progress, cache=cache) for l in layers}
+
+
+def run_alignment_ablation(kernels, task_id, config: second_order.SecondOrderConfig, layers,
+                           split_seed: int = 0, variants=ALIGNMENT_VARIANTS,
+                           progress: Optional[Callable] = None,
+                           cache: Optional[results.Cache] = None) -> dict:
+  """Fig. 3c: for each branch >= 2, no alignment / filter (Eq. 8) / channel (Eq. 6) / both.
+
+  Returns {variant label: {layer: accuracies}}. The first layer has no channel alignment
+  (Eq. 7), so layer 0 is refused.
+  """
+  layers = _check_layers(layers, len(kernels))
+  if 0 in layers:
+    raise ValueError('branch 1 has only the unaligned-channel case (Eq. 7); the alignment '
+                     'ablation covers branches 2..19.')
+  out = {}
+  for label, method in variants:
+    out[label] = {l: run_classification(
+        kernels, task_id, method, dataclasses.replace(config, layer_weights=_one_hot_weights(l)),
+        split_seed, progress=progress, cache=cache) for l in layers}
+  return out
+
+
+def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_config,
+                 config: second_order.SecondOrderConfig, split_seed: int = 0,
+                 test_tasks: int = 10, num_permutations: int = 10000,
+                 progress: Optional[Callable] = None, feature_progress: Optional[Callable] = None,
+                 cache: Optional[results.Cache] = None) -> dict:
+  """Sec. 5.3: parameter similarity vs transferability over the held-out tasks' pairs.
+
+  The second-order network is trained in the retrieval setting (on the train tasks); the
+  similarity of two held-out tasks is the mean cosine over their models' representations
+  (`transfer.task_similarity`); transferability source -> target is the mean ARI of 2-means on
+  the target's images in the source models' pooled features (`transfer.transferability`).
+  `params` / `batch_stats` are the stacked first-order variables, rows as `task_id`; `images`,
+  `labels` the data split whose target-task images are clustered.
+  """
+  split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
+  model = fit_cached(dataclasses.replace(config, method='lps'), split.train_tasks.size,
+                     _take(kernels, split.train),
+                     _relabel(task_id[split.train], split.train_tasks), cache, progress)
+  rows = np.flatnonzero(np.isin(task_id, split.test_tasks))
+  tasks, sim = transfer.task_similarity(model.embed(_take(kernels, rows)), task_id[rows])
+  ari = transfer.transferability(params, batch_stats, task_id, images, labels, tasks,
+                                 model_config, cache=cache, progress=feature_progress)
+  off = ~np.eye(tasks.size, dtype=bool)
+  corr = transfer.correlation(sim[off], ari[off], num_permutations=num_permutations,
+                              seed=split_seed)
+  return {'tasks': tasks.tolist(), 'similarity': sim.tolist(), 'ari': ari.tolist(),
+          'correlation': corr}
+
+
 def _take(kernels, rows):
   return [None if k is None else np.asarray(k)[rows] for k in kernels]
 
@@ -79,7 +194,8 @@ def _relabel(task_id: np.ndarray, tasks: np.ndarray) -> np.ndarray:
 
 def run_classification(kernels, task_id, method: str, config: second_order.SecondOrderConfig,
                        split_seed: int = 0, ks=(1, 5, 10),
-                       progress: Optional[Callable] = None) -> dict:
+                       progress: Optional[Callable] = None,
+                       cache: Optional[results.Cache] = None) -> dict:
   """Table 1 for one method and split: top-k accuracy on the held-out models of each task."""
   split = classification_split(task_id, seed=split_seed)
   tasks = np.unique(task_id)
@@ -87,9 +203,8 @@ def run_classification(kernels, task_id, method: str, config: second_order.Secon
   if method == 'random':
     scores = np.random.default_rng(split_seed).random((split.test.size, tasks.size))
   else:
-    model = second_order.SecondOrderModel(dataclasses.replace(config, method=method),
-                                          tasks.size)
-    model.fit(_take(kernels, split.train), y_train, progress=progress)
+    model = fit_cached(dataclasses.replace(config, method=method), tasks.size,
+                       _take(kernels, split.train), y_train, cache, progress)
     scores = model.predict(_take(kernels, split.test))
   acc = metrics.topk_accuracy(scores, y_test, ks)
   return {f'top-{k}': v for k, v in acc.items()}
@@ -97,17 +212,17 @@ def run_classification(kernels, task_id, method: str, config: second_order.Secon
 
 def run_retrieval(kernels, task_id, method: str, config: second_order.SecondOrderConfig,
                   split_seed: int = 0, test_tasks: int = 10, ks=(1, 5, 10),
-                  progress: Optional[Callable] = None) -> dict:
+                  progress: Optional[Callable] = None,
+                  cache: Optional[results.Cache] = None) -> dict:
   """Table 2 for one method and split: CMC rank-k and mAP of query vs gallery models."""
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   if method == 'random':
     rng = np.random.default_rng(split_seed)
     sim = rng.random((split.query.size, split.gallery.size))
   else:
-    model = second_order.SecondOrderModel(dataclasses.replace(config, method=method),
-                                          split.train_tasks.size)
-    model.fit(_take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
-              progress=progress)
+    model = fit_cached(dataclasses.replace(config, method=method), split.train_tasks.size,
+                       _take(kernels, split.train),
+                       _relabel(task_id[split.train], split.train_tasks), cache, progress)
     sim = metrics.cosine_similarity(model.embed(_take(kernels, split.query)),
                                     model.embed(_take(kernels, split.gallery)))
   return metrics.retrieval_metrics(sim, task_id[split.query], task_id[split.gallery], ks)

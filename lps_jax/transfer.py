@@ -19,7 +19,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from lps_jax import data as data_lib
-from lps_jax import resnet
+from lps_jax import resnet, results
 
 
 def task_similarity(embeddings: np.ndarray, task_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +72,62 @@ def kmeans_ari(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float
     raise ValueError('features contain NaN/Inf; check the source models.')
   pred = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(features)
   return float(adjusted_rand_score(labels, pred))
+
+
+def task_images(images: np.ndarray, labels: np.ndarray, task: int):
+  """Images of task r (fine labels 2r, 2r+1) and their binary labels (0 for 2r)."""
+  rows = np.flatnonzero((labels == 2 * task) | (labels == 2 * task + 1))
+  if rows.size == 0:
+    raise ValueError(f'the data split has no images of task {task} (fine labels {2 * task}, '
+                     f'{2 * task + 1}).')
+  return images[rows], (labels[rows] == 2 * task + 1).astype(np.int32)
+
+
+def transferability(params, batch_stats, task_id: np.ndarray, images: np.ndarray,
+                    labels: np.ndarray, tasks, config: resnet.ResNetConfig = resnet.ResNetConfig(),
+                    cache=None, progress=None, seed: int = 0) -> np.ndarray:
+  """ARI (T, T): row s = source task, column t = target task, NaN on the diagonal.
+
+  Every model of the source task extracts pooled features of all target tasks' images; 2-means
+  per target, ARI against the target's labels, averaged over the source's models. With a
+  `results.Cache`, each source task's row is stored under a hash of its models and the images.
+  `progress(done, total)` is called after each source task.
+  """
+  task_id = np.asarray(task_id)
+  tasks = [int(t) for t in tasks]
+  missing = [t for t in tasks if not np.any(task_id == t)]
+  if missing:
+    raise ValueError(f'the model set has no models of tasks {missing}; train them or choose '
+                     'other tasks.')
+  per_target = [task_images(images, labels, t) for t in tasks]
+  all_images = np.concatenate([x for x, _ in per_target])
+  bounds = np.cumsum([0] + [x.shape[0] for x, _ in per_target])
+  take = lambda tree, rows: jax.tree_util.tree_map(lambda x: np.asarray(x)[rows], tree)
+  ari = np.full((len(tasks), len(tasks)), np.nan)
+  for i, source in enumerate(tasks):
+    rows = np.flatnonzero(task_id == source)
+    p, b = take(params, rows), take(batch_stats, rows)
+
+    def compute(p=p, b=b, i=i):
+      feats = extract_features(p, b, all_images, config)
+      scores = np.full((rows.size, len(tasks)), np.nan)
+      for m in range(rows.size):
+        for j, (_, y) in enumerate(per_target):
+          if j != i:
+            scores[m, j] = kmeans_ari(feats[m, bounds[j]:bounds[j + 1]], y, seed)
+      return {'ari': scores}
+
+    if cache is None:
+      scores = compute()['ari']
+    else:
+      key = {'kind': 'transfer_ari', 'source': source, 'targets': tasks, 'seed': seed,
+             'models': results.fingerprint(*jax.tree_util.tree_leaves((p, b))),
+             'images': results.fingerprint(all_images)}
+      scores = cache.arrays(key, compute)['ari']
+    ari[i] = scores.mean(axis=0)  # NaN stays on the diagonal only.
+    if progress is not None:
+      progress(i + 1, len(tasks))
+  return ari
 
 
 def correlation(x: np.ndarray, y: np.ndarray, num_permutations: int = 10000,

@@ -42,6 +42,31 @@ def test_each_equation_matches_numpy_reference():
                                                filter_align=False), fl_ref, rtol=1e-4, atol=1e-4)
 
 
+def test_streamed_channel_max_equals_einsum_values_and_gradients():
+  rng = np.random.default_rng(3)
+  theta = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+  phi = jnp.asarray(rng.normal(size=(3, 3, 6, 7)), jnp.float32)
+  u = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+  ref = align.channel_max(align.frobenius_scores(theta, phi))
+  np.testing.assert_allclose(align.streamed_channel_max(theta, phi), ref, rtol=1e-5, atol=1e-5)
+
+  def loss(impl):  # Through the sort too, as the second-order network uses it.
+    return lambda t, p: jnp.sum(align.align_layer(t, p, False, impl=impl) * u)
+
+  g_ref = jax.grad(loss('einsum'), argnums=(0, 1))(theta, phi)
+  g_new = jax.jit(jax.grad(loss('stream'), argnums=(0, 1)))(theta, phi)
+  for a, b in zip(g_ref, g_new):
+    assert float(jnp.max(jnp.abs(a))) > 0
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+  pop = jnp.asarray(rng.normal(size=(4, 3, 3, 6, 5)), jnp.float32)
+  per_model = jax.vmap(jax.grad(lambda p, t: loss('stream')(t, p)), in_axes=(None, 0))(phi, pop)
+  for i in range(4):
+    np.testing.assert_allclose(per_model[i], jax.grad(loss('einsum'), argnums=1)(pop[i], phi),
+                               rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='unknown impl'):
+    align.channel_scores(theta, phi, impl='fast')
+
+
 def _phis(key, params, G=7, config=resnet.ResNetConfig()):
   kernels = resnet.conv_kernels(params, config)
   return [jax.random.normal(k, kern.shape[:3] + (G,))

@@ -1,0 +1,168 @@
+"""lps_main's figure modes (Fig. 3a-c) end to end on a tiny model set, run as a user runs them.
+
+The tiny set: 6 tasks x 4 runs of a 7-conv-layer ResNet whose kernels carry a task signal
+(a per-task offset), so the outputs are real but small. Checks shapes and ranges of every
+output, the PNGs, reuse of cached work on a rerun, and the clear errors.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lps_jax import modelset, population, resnet, results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))   # 7 conv layers
+TASKS, RUNS = 6, 4
+
+
+@pytest.fixture(scope='module')
+def tiny_set(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp('tiny') / 'modelset')
+  rng = np.random.default_rng(0)
+  variables = []
+  for t in range(TASKS):
+    offset = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                                    resnet.init_variables(jax.random.PRNGKey(100 + t), CONFIG))
+    for r in range(RUNS):
+      v = resnet.init_variables(jax.random.PRNGKey(t * RUNS + r), CONFIG)
+      v['params'] = jax.tree_util.tree_map(lambda a, b: a + 0.5 * b, v['params'],
+                                           offset['params'])
+      variables.append(v)
+  stack = lambda key: jax.tree_util.tree_map(lambda *x: np.stack(x), *[v[key] for v in variables])
+  task_id = np.repeat(np.arange(TASKS), RUNS)
+  cfg = population.PopulationConfig(task_ids=tuple(range(TASKS)), runs_per_task=RUNS,
+                                    dataset='npz', model=CONFIG)
+  modelset.save(path, modelset.ModelSet(stack('params'), stack('batch_stats'), task_id,
+                                        np.tile(np.arange(RUNS), TASKS), np.zeros_like(task_id),
+                                        np.full(task_id.shape, 0.5), cfg.to_json()))
+  return path
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, '-m', 'experiments.lps_main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def _common(tiny_set, tmp_path, name):
+  return [f'--modelset={tiny_set}', '--num_filters=4', '--epochs=3', '--lr_boundaries=2',
+          '--learning_rate=0.01', '--split_seeds=0', f'--cache_dir={tmp_path}/cache',
+          f'--results_dir={tmp_path}/{name}']
+
+
+def _ok(r):
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _accuracies_in_range(acc):
+  assert set(acc) >= {'top-1', 'top-5', 'top-10'}
+  assert all(0.0 <= acc[k] <= 1.0 for k in ('top-1', 'top-5', 'top-10'))
+  assert acc['top-1'] <= acc['top-5'] <= acc['top-10']
+
+
+def test_branches_one_bar_per_branch_and_rerun_reuses_cache(tiny_set, tmp_path):
+  args = ['--mode=branches', '--branches=1,3,7'] + _common(tiny_set, tmp_path, 'b')
+  _ok(_run(*args))
+  res = json.load(open(tmp_path / 'b' / 'results.json'))
+  assert list(res['results']) == ['1', '3', '7']          # one bar per branch
+  for runs in res['results'].values():
+    assert len(runs) == 1
+    _accuracies_in_range(runs[0])
+  assert res['chance'] == pytest.approx(1 / TASKS)
+  assert os.path.getsize(tmp_path / 'b' / 'fig3b_branches.png') > 1000
+  cached = sorted(os.listdir(tmp_path / 'cache'))
+  assert len([f for f in cached if f.endswith('.bin')]) == 3   # one trained net per branch
+  stamp = os.path.getmtime(tmp_path / 'cache' / [f for f in cached if f.endswith('.bin')][0])
+  # Same flags again: every net comes from the cache (nothing retrained), same numbers.
+  _ok(_run(*args))
+  again = json.load(open(tmp_path / 'b' / 'results.json'))
+  assert again['results'] == res['results']
+  assert sorted(os.listdir(tmp_path / 'cache')) == cached
+  assert os.path.getmtime(tmp_path / 'cache' / [f for f in cached if f.endswith('.bin')][0]) == stamp
+  # A different configuration never overwrites these results.
+  r = _run(*(args + ['--epochs=4']))
+  assert r.returncode != 0 and 'different configuration' in r.stderr and "'epochs'" in r.stderr
+  assert json.load(open(tmp_path / 'b' / 'results.json')) == again
+  # Replot from the finished run.
+  os.remove(tmp_path / 'b' / 'fig3b_branches.png')
+  _ok(_run('--mode=branches', '--replot', f'--results_dir={tmp_path}/b'))
+  assert os.path.exists(tmp_path / 'b' / 'fig3b_branches.png')
+
+
+def test_alignment_ablation_four_variants_per_branch(tiny_set, tmp_path):
+  _ok(_run('--mode=alignment', '--branches=2,5', *_common(tiny_set, tmp_path, 'a')))
+  res = json.load(open(tmp_path / 'a' / 'results.json'))
+  assert list(res['results']) == ['w/o align', 'filt.', 'chan.', 'filt. + chan.']
+  for per in res['results'].values():
+    assert list(per) == ['2', '5']
+    for runs in per.values():
+      _accuracies_in_range(runs[0])
+  assert os.path.getsize(tmp_path / 'a' / 'fig3c_alignment.png') > 1000
+  text = open(tmp_path / 'a' / 'results.md').read()
+  assert '| 5 |' in text and 'filt. + chan.' in text
+
+
+def test_transfer_similarity_and_ari(tiny_set, tmp_path):
+  _ok(_run('--mode=transfer', '--test_tasks=3', '--num_permutations=50',
+           *_common(tiny_set, tmp_path, 't')))
+  res = json.load(open(tmp_path / 't' / 'results.json'))
+  r = res['results'][0]
+  sim, ari = np.asarray(r['similarity']), np.asarray(r['ari'])
+  assert sim.shape == ari.shape == (3, 3) and len(r['tasks']) == 3
+  off = ~np.eye(3, dtype=bool)
+  assert np.all(np.isnan(np.diag(ari))) and np.all((ari[off] >= -1) & (ari[off] <= 1))
+  assert np.all((sim >= -1 - 1e-6) & (sim <= 1 + 1e-6))
+  c = r['correlation']
+  assert c['n'] == 6 and -1 <= c['spearman'] <= 1 and 0 < c['pearson_p'] <= 1
+  assert os.path.getsize(tmp_path / 't' / 'fig3a_transfer.png') > 1000
+
+
+def test_figure_modes_bad_input(tiny_set, tmp_path):
+  r = _run('--mode=branches', '--branches=0,8', *_common(tiny_set, tmp_path, 'x'))
+  assert r.returncode != 0 and 'out of range' in r.stderr and '1..7' in r.stderr
+  assert not os.path.exists(tmp_path / 'x')                  # nothing written
+  r = _run('--mode=alignment', '--branches=1', *_common(tiny_set, tmp_path, 'x'))
+  assert r.returncode != 0 and '2..7' in r.stderr
+  r = _run('--mode=transfer', '--modelset=results/modelset_test/first_layer_kernels.npz')
+  assert r.returncode != 0 and 'needs the full model set folder' in r.stderr
+  r = _run('--mode=transfer', '--test_tasks=6', *_common(tiny_set, tmp_path, 'x'))
+  assert r.returncode != 0 and 'lower --test_tasks' in r.stderr
+  (tmp_path / 'empty').mkdir()
+  r = _run('--mode=branches', '--replot', f'--results_dir={tmp_path}/empty')
+  assert r.returncode != 0 and 'holds no results.json' in r.stderr
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'notes.txt').write_text('mine')
+  r = _run('--mode=branches', '--branches=1', *_common(tiny_set, tmp_path, 'other'))
+  assert r.returncode != 0 and 'not a results folder' in r.stderr
+  assert (tmp_path / 'other' / 'notes.txt').read_text() == 'mine'
+
+
+def test_transfer_needs_the_tasks_images():
+  from lps_jax import transfer
+  images = np.zeros((4, 32, 32, 3), np.uint8)
+  with pytest.raises(ValueError, match='no images of task 3'):
+    transfer.task_images(images, np.array([0, 1, 2, 3]), 3)
+  with pytest.raises(ValueError, match='no models of tasks \\[9\\]'):
+    transfer.transferability({}, {}, np.array([0, 0]), images, np.array([0, 1, 0, 1]), [0, 9])
+
+
+def test_results_dir_and_cache_units(tmp_path):
+  d = results.ResultsDir(str(tmp_path / 'r'), {'a': 1, 'b': [1, 2]})
+  results.ResultsDir(str(tmp_path / 'r'), {'b': (1, 2), 'a': 1})   # same config: fine
+  with pytest.raises(results.ResultsError, match=r"differs in \['a'\]"):
+    results.ResultsDir(str(tmp_path / 'r'), {'a': 2, 'b': [1, 2]})
+  d.write_json('x.json', {'v': np.float32(0.5)})
+  cache = results.Cache(str(tmp_path / 'c'))
+  calls = []
+  compute = lambda: calls.append(1) or {'x': np.arange(3)}
+  np.testing.assert_array_equal(cache.arrays({'k': 1}, compute)['x'], np.arange(3))
+  np.testing.assert_array_equal(cache.arrays({'k': 1}, compute)['x'], np.arange(3))
+  assert len(calls) == 1
+  cache.arrays({'k': 2}, compute)
+  assert len(calls) == 2
+  assert results.fingerprint(np.zeros(3)) != results.fingerprint(np.zeros(4))
