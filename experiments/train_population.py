@@ -46,6 +46,15 @@ flags.DEFINE_string('export_kernels', None,
                     'If set, also write the first-layer kernels + metadata to this .npz.')
 flags.DEFINE_string('summary', None, 'If set, write a markdown summary (per-task accuracy).')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+flags.DEFINE_integer('stop_after_epochs', None, 'Train at most this many epochs in this '
+                     'invocation, checkpoint and exit 0 (job time limits); rerun to resume.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for a multi-process '
+                    '(multi-host) run; see lps_jax/distributed.py for how to launch.')
+flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (0 = coordinator).')
+flags.DEFINE_enum('distributed', 'off', ['off', 'auto'], "'auto': jax.distributed.initialize() "
+                  "with the cluster's auto-detection (SLURM, Open MPI, TPU pods).")
+flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for the other processes.')
 FLAGS = flags.FLAGS
 
 
@@ -85,7 +94,15 @@ def main(argv):
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   import jax
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
-  from lps_jax import data, modelset, population
+  from lps_jax import data, distributed, modelset, population
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           auto=FLAGS.distributed == 'auto', timeout_s=FLAGS.distributed_timeout)
+  except distributed.DistributedError as e:
+    sys.exit(f'error: {e}')
+  if jax.process_count() > 1:
+    logging.info('process %d of %d: %d local / %d global devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     config = build_config()
     train_split, eval_split = load_data()
@@ -102,9 +119,15 @@ def main(argv):
                ex.num_devices, trainer.chunk_size, trainer.steps_per_epoch)
   t0 = time.time()
   try:
-    result = trainer.train(FLAGS.workdir, progress=FLAGS.progress)
+    result = trainer.train(FLAGS.workdir, progress=FLAGS.progress and distributed.is_primary(),
+                           stop_after_epochs=FLAGS.stop_after_epochs)
+  except population.TrainingStopped as e:
+    logging.info('%s', e)
+    return
   except (population.TrainingError, modelset.ModelSetError) as e:
     sys.exit(f'error: {e}')
+  if not distributed.is_primary():
+    return
   wall = time.time() - t0
   logging.info('done in %.0f s (this invocation): %d models, mean held-out accuracy %.3f; '
                'model set in %s', wall, len(result), float(result.heldout_accuracy.mean()),

@@ -63,6 +63,14 @@ def concatenate(sets: Sequence[ModelSet]) -> ModelSet:
                   sets[0].config)
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer private to this process: model sets hold host numpy arrays, and in
+  a multi-process run only process 0 writes them (no cross-process barrier)."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save(path: str, model_set: ModelSet) -> None:
   """Writes `model_set` to directory `path` atomically (replacing an older one)."""
   path = os.path.abspath(path)
@@ -71,7 +79,7 @@ def save(path: str, model_set: ModelSet) -> None:
   try:
     tree = {'params': model_set.params, 'batch_stats': model_set.batch_stats}
     tree = jax.tree_util.tree_map(np.asarray, tree)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _local_checkpointer()
     ckptr.save(os.path.join(tmp, 'arrays'), tree)
     ckptr.wait_until_finished()
     meta = {'num_models': len(model_set),
@@ -107,7 +115,7 @@ def load(path: str) -> ModelSet:
   try:
     with open(meta_path) as f:
       meta = json.load(f)
-    tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, 'arrays')))
+    tree = _local_checkpointer().restore(os.path.abspath(os.path.join(path, 'arrays')))
   except Exception as e:  # orbax raises many types for damaged folders.
     raise ModelSetError(f'model set at {path!r} is unreadable ({type(e).__name__}: {e}); '
                         're-export it from its training workdir or retrain.') from e

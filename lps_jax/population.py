@@ -11,7 +11,12 @@ pure single-model step; how it runs over a population is one swappable choice
           inside `shard_map` over a device mesh.
 
 On XLA:CPU, vmap lowers per-model convs to grouped convs (measured ~9x slower), so the CPU
-default is `unroll` over simulated host devices; see BENCHMARKS in README.md for the figures.
+default is `unroll` over simulated host devices; see BENCHMARKS.md for the figures.
+
+Sharding: the model axis of the population state, per-model keys and task indices is split over
+a `Mesh` of all devices (of all processes after `distributed.initialize`) with `NamedSharding`;
+the jitted step keeps that layout (`out_shardings`), checkpoints store the sharded arrays and
+restore onto whatever mesh the resuming run has (another device count included).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lps_jax import data as data_lib
+from lps_jax import distributed
 from lps_jax import modelset as modelset_lib
 from lps_jax import resnet
 
@@ -40,6 +46,10 @@ STRATEGIES = ('loop', 'vmap', 'unroll')
 # Fastest correct (strategy, conv_impl) per backend, from `python -m experiments.benchmark`.
 DEFAULT_EXECUTION = {'cpu': ('unroll', 'lax'), 'gpu': ('vmap', 'lax'), 'tpu': ('vmap', 'lax')}
 MODEL_AXIS = 'models'
+
+
+class TrainingStopped(Exception):
+  """Raised after `train(stop_after_epochs=N)` saved its checkpoint: rerun to resume."""
 
 
 class TrainingError(RuntimeError):
@@ -103,11 +113,20 @@ class ExecutionConfig:
       raise ValueError(f'unknown strategy {strategy!r}; choose from {STRATEGIES} or auto.')
     if conv_impl not in resnet.CONV_IMPLS:
       raise ValueError(f'unknown conv_impl {conv_impl!r}; choose from {resnet.CONV_IMPLS}.')
-    n_local = len(jax.local_devices())
-    n_dev = self.num_devices or n_local
-    if n_dev > n_local:
-      raise ValueError(f'num_devices={n_dev} but only {n_local} local devices exist; on CPU '
-                       'raise --num_cpu_devices or lower --num_devices.')
+    n_all = jax.device_count()
+    n_dev = self.num_devices or n_all
+    if jax.process_count() > 1:
+      if strategy == 'loop':
+        raise ValueError('the per-model loop runs on one device; with several processes use '
+                         "--strategy=vmap or unroll (or 'auto').")
+      if n_dev != n_all:
+        raise ValueError(f'num_devices={n_dev}, but a run over {jax.process_count()} processes '
+                         f'shards over all {n_all} devices: pass --num_devices=0.')
+    if n_dev > n_all:
+      raise ValueError(f'num_devices={n_dev} but only {n_all} devices exist; on CPU raise '
+                       '--num_cpu_devices or lower --num_devices.')
+    if n_dev < 0:
+      raise ValueError(f'num_devices must be >= 0 (0 = all), got {n_dev}.')
     if strategy == 'loop':
       n_dev = 1
     if self.models_per_chunk < 1:
@@ -186,7 +205,13 @@ def eval_step(state: dict, eval_idx: jax.Array, eval_labels: jax.Array, images: 
 # ------------------------------------------------------------------------ population maps
 
 def make_mesh(num_devices: int) -> Mesh:
-  return Mesh(np.asarray(jax.local_devices()[:num_devices]), (MODEL_AXIS,))
+  """A 1-D mesh over the model axis: the first `num_devices` devices (all processes' devices
+  when several processes take part)."""
+  devices = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f'a mesh of {num_devices} devices does not fit the {len(devices)} '
+                     'available; lower --num_devices.')
+  return Mesh(np.asarray(devices[:num_devices]), (MODEL_AXIS,))
 
 
 def make_population_fn(fn: Callable, in_axes: Sequence[Optional[int]], strategy: str,
@@ -224,15 +249,19 @@ def make_population_fn(fn: Callable, in_axes: Sequence[Optional[int]], strategy:
   specs = tuple(P(MODEL_AXIS) if ax == 0 else P() for ax in in_axes)
   sharded = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(MODEL_AXIS),
                           check_vma=False)
-  return jax.jit(sharded, donate_argnums=donate_argnums)
+  return jax.jit(sharded, donate_argnums=donate_argnums,
+                 out_shardings=NamedSharding(mesh, P(MODEL_AXIS)))
 
 
 def shard_models(tree, mesh: Optional[Mesh]):
-  """Places a stacked tree with its model axis split over `mesh` (no-op without a mesh)."""
+  """Places a stacked tree with its model axis split over `mesh` (no-op without a mesh).
+
+  Host values are placed shard by shard (`distributed.place`): with several processes each
+  one transfers only its own devices' models.
+  """
   if mesh is None:
     return tree
-  sharding = NamedSharding(mesh, P(MODEL_AXIS))
-  return jax.device_put(tree, sharding)
+  return distributed.place(tree, NamedSharding(mesh, P(MODEL_AXIS)))
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -284,7 +313,9 @@ class PopulationTrainer:
     eval_images = images if eval_split is None else jnp.asarray(eval_split.images)
     if self.mesh is not None:
       rep = NamedSharding(self.mesh, P())
-      images, eval_images = jax.device_put(images, rep), jax.device_put(eval_images, rep)
+      images = distributed.place(train_split.images, rep)
+      eval_images = (images if eval_split is None
+                     else distributed.place(eval_split.images, rep))
     self.images, self.eval_images = images, eval_images
     self._train = make_population_fn(
         functools.partial(train_step, model=self.model, tx=self.tx,
@@ -292,8 +323,10 @@ class PopulationTrainer:
         (0, 0, 0, 0, None, None, None), ex.strategy, self.mesh, donate_argnums=(0,))
     self._eval = make_population_fn(functools.partial(eval_step, model=self.model),
                                     (0, 0, 0, None), ex.strategy, self.mesh)
-    self._init = jax.jit(jax.vmap(
-        lambda k: init_model_state(k, config.model, self.tx)))
+    self._init = jax.jit(
+        jax.vmap(lambda k: init_model_state(k, config.model, self.tx)),
+        out_shardings=(None if self.mesh is None
+                       else NamedSharding(self.mesh, P(MODEL_AXIS))))
 
   # -- chunk bookkeeping
   def chunks(self) -> list[_Chunk]:
@@ -312,21 +345,27 @@ class PopulationTrainer:
     tasks = np.asarray([models[m][0] for m in chunk.rows])
     runs = np.asarray([models[m][1] for m in chunk.rows])
     pos = np.asarray([task_pos[t] for t in tasks])
-    keys = jax.vmap(lambda t, r: model_key(self.config.seed, t, r))(tasks, runs)
+    keys = np.asarray(jax.vmap(lambda t, r: model_key(self.config.seed, t, r))(tasks, runs))
     t = self.tasks
     per_model = [keys, t.train_idx[pos], t.train_labels[pos], t.eval_idx[pos], t.eval_labels[pos]]
-    per_model = [shard_models(jnp.asarray(x), self.mesh) for x in per_model]
+    per_model = ([jnp.asarray(x) for x in per_model] if self.mesh is None
+                 else [shard_models(x, self.mesh) for x in per_model])
     return tasks, runs, per_model
 
   # -- public API
   def train(self, workdir: str, progress: bool = True,
-            on_epoch_end: Optional[Callable[[int, int], None]] = None
-            ) -> modelset_lib.ModelSet:
+            on_epoch_end: Optional[Callable[[int, int], None]] = None,
+            stop_after_epochs: Optional[int] = None) -> modelset_lib.ModelSet:
     """Trains every chunk not yet finished in `workdir`; returns the full model set.
 
     `on_epoch_end(chunk_index, epochs_done)` is called after each epoch (and its checkpoint).
+    `stop_after_epochs=N`: after N epochs trained in this call, checkpoint and raise
+    `TrainingStopped` (for job time limits; a rerun resumes there, on any device count).
+    With several processes every process calls this; only process 0 writes model sets.
     """
-    _check_workdir_config(workdir, self.config)
+    if distributed.is_primary():
+      _check_workdir_config(workdir, self.config)
+    distributed.barrier('workdir_checked')
     final_path = os.path.join(workdir, 'modelset')
     if os.path.isdir(final_path):
       logging.info('model set already complete in %s; loading it', final_path)
@@ -336,19 +375,23 @@ class PopulationTrainer:
     bar = _progress_bar(len(chunks) * epochs, progress)
     done_sets = []
     models_done = 0
+    budget = {'left': stop_after_epochs}
     try:
       for chunk in chunks:
         chunk_dir = os.path.join(workdir, 'chunks', f'chunk_{chunk.index:05d}')
         ckpt_dir = os.path.join(workdir, 'ckpt', f'chunk_{chunk.index:05d}')
         if os.path.isdir(chunk_dir):
-          done_sets.append(modelset_lib.load(chunk_dir))
-          shutil.rmtree(ckpt_dir, ignore_errors=True)
+          done_sets.append(self._load_finished_chunk(chunk, chunk_dir))
+          if distributed.is_primary():
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
           models_done += chunk.n_real
           bar.update(epochs)
           continue
-        result = self._train_chunk(chunk, ckpt_dir, bar, models_done, on_epoch_end)
-        modelset_lib.save(chunk_dir, result)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        result = self._train_chunk(chunk, ckpt_dir, bar, models_done, on_epoch_end, budget)
+        if distributed.is_primary():
+          modelset_lib.save(chunk_dir, result)
+          shutil.rmtree(ckpt_dir, ignore_errors=True)
+        distributed.barrier(f'chunk_{chunk.index}_saved')
         done_sets.append(result)
         models_done += chunk.n_real
         logging.info('chunk %d/%d done: %d models, mean held-out accuracy %.3f',
@@ -357,13 +400,29 @@ class PopulationTrainer:
     finally:
       bar.close()
     full = modelset_lib.concatenate(done_sets)
-    modelset_lib.save(final_path, full)
+    if distributed.is_primary():
+      modelset_lib.save(final_path, full)
+    distributed.barrier('modelset_saved')
     return full
 
+  def _load_finished_chunk(self, chunk: _Chunk, chunk_dir: str) -> modelset_lib.ModelSet:
+    """A finished chunk, checked to hold exactly the models this chunk plan expects."""
+    done = modelset_lib.load(chunk_dir)
+    models = self.config.models()
+    want = [models[m] for m in chunk.rows[:chunk.n_real]]
+    have = list(zip(done.task_id.tolist(), done.run.tolist()))
+    if have != want:
+      raise TrainingError(
+          f'{chunk_dir} holds {len(have)} models that do not match chunk {chunk.index} of '
+          f'{self.chunk_size} models (it was written with another --models_per_chunk or device '
+          'count). Rerun with the chunk size of the first run (see its log), or a new --workdir.')
+    return done
+
   def _train_chunk(self, chunk: _Chunk, ckpt_dir: str, bar, models_done: int,
-                   on_epoch_end) -> modelset_lib.ModelSet:
+                   on_epoch_end, budget: Optional[dict] = None) -> modelset_lib.ModelSet:
     tasks, runs, (keys, tr_idx, tr_lab, ev_idx, ev_lab) = self._chunk_inputs(chunk)
-    state = shard_models(self._init(keys), self.mesh)
+    state = self._init(keys)
+    _check_chunk_plan(ckpt_dir, chunk, self.chunk_size)
     mngr = ocp.CheckpointManager(
         os.path.abspath(ckpt_dir),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
@@ -372,8 +431,9 @@ class PopulationTrainer:
     if mngr.latest_step() is not None:
       start_epoch = mngr.latest_step()
       state = _restore(mngr, start_epoch, state, ckpt_dir)
-      logging.info('chunk %d: resumed from epoch %d checkpoint in %s', chunk.index,
-                   start_epoch, ckpt_dir)
+      logging.info('chunk %d: resumed from epoch %d checkpoint in %s (onto %d device(s))',
+                   chunk.index, start_epoch, ckpt_dir, 1 if self.mesh is None
+                   else self.mesh.size)
     bar.update(start_epoch)
     epochs = self.config.train.epochs
     for epoch in range(start_epoch, epochs):
@@ -382,7 +442,7 @@ class PopulationTrainer:
         state, metrics = self._train(state, keys, tr_idx, tr_lab, self.images,
                                      jnp.int32(epoch), jnp.int32(step))
         losses.append(metrics['loss'])
-      loss = np.mean(np.stack([np.asarray(l) for l in losses]), axis=0)[:chunk.n_real]
+      loss = np.mean(np.stack(distributed.to_host(losses)), axis=0)[:chunk.n_real]
       if not np.all(np.isfinite(loss)):
         bad = [f'task {tasks[i]} run {runs[i]}' for i in np.flatnonzero(~np.isfinite(loss))]
         raise TrainingError(
@@ -391,21 +451,30 @@ class PopulationTrainer:
       done = epoch + 1
       postfix = {'chunk': chunk.index + 1, 'models_done': models_done, 'loss': f'{loss.mean():.3f}'}
       if done % self.eval_every == 0 or done == epochs:
-        acc = np.asarray(self._eval(state, ev_idx, ev_lab, self.eval_images)['accuracy'])
+        acc = distributed.to_host(self._eval(state, ev_idx, ev_lab, self.eval_images)['accuracy'])
         postfix['heldout_acc'] = f'{acc[:chunk.n_real].mean():.3f}'
       bar.set_postfix(postfix, refresh=False)
       bar.update(1)
-      if done % self.checkpoint_every == 0 and done < epochs:
+      if budget is not None and budget['left'] is not None:
+        budget['left'] -= 1
+      stop = budget is not None and budget['left'] is not None and budget['left'] <= 0
+      if done < epochs and (done % self.checkpoint_every == 0 or stop):
         mngr.save(done, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
       if on_epoch_end is not None:
         on_epoch_end(chunk.index, done)
+      if stop and done < epochs:
+        mngr.close()
+        raise TrainingStopped(f'stopped after the requested epochs; chunk {chunk.index} is '
+                              f'checkpointed at epoch {done} in {ckpt_dir}: rerun the same '
+                              'command to resume (any device count).')
     mngr.close()
-    acc = np.asarray(self._eval(state, ev_idx, ev_lab, self.eval_images)['accuracy'])
+    acc = distributed.to_host(self._eval(state, ev_idx, ev_lab, self.eval_images)['accuracy'])
+    host = distributed.to_host({'params': state['params'], 'batch_stats': state['batch_stats']})
     keep = lambda x: np.asarray(x)[:chunk.n_real]
     return modelset_lib.ModelSet(
-        params=jax.tree_util.tree_map(keep, state['params']),
-        batch_stats=jax.tree_util.tree_map(keep, state['batch_stats']),
+        params=jax.tree_util.tree_map(keep, host['params']),
+        batch_stats=jax.tree_util.tree_map(keep, host['batch_stats']),
         task_id=keep(tasks).astype(np.int32), run=keep(runs).astype(np.int32),
         seed=np.full(chunk.n_real, self.config.seed, np.int64),
         heldout_accuracy=keep(acc).astype(np.float32), config=self.config.to_json())
@@ -422,6 +491,30 @@ def _restore(mngr, step: int, like: Any, ckpt_dir: str):
         f'checkpoint {os.path.join(ckpt_dir, str(step))} is unreadable or does not match this '
         f'population ({type(e).__name__}: {str(e)[:200]}); delete that folder to resume from '
         'an earlier checkpoint, or use a new --workdir.') from e
+
+
+def _check_chunk_plan(ckpt_dir: str, chunk: _Chunk, chunk_size: int) -> None:
+  """Refuses to resume a checkpoint written for another chunk plan (population size).
+
+  Process 0 records the plan on first use; after a barrier every process compares.
+  """
+  path = os.path.join(ckpt_dir, 'chunk.json')
+  plan = {'chunk_size': int(chunk_size), 'rows': [int(r) for r in chunk.rows]}
+  if distributed.is_primary() and not os.path.exists(path):
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(plan, f)
+    os.replace(tmp, path)
+  distributed.barrier(f'chunk_{chunk.index}_plan')
+  with open(path) as f:
+    old = json.load(f)
+  if old != plan:
+    raise TrainingError(
+        f'checkpoint {ckpt_dir} was written for a chunk of {old.get("chunk_size")} models '
+        f'(model rows {old.get("rows", [])[:4]}...), this run plans {chunk_size} '
+        f'({plan["rows"][:4]}...). Rerun with --models_per_chunk={old.get("chunk_size")} '
+        '(and a device count dividing it), or use a new --workdir.')
 
 
 def _check_workdir_config(workdir: str, config: PopulationConfig) -> None:
@@ -462,7 +555,7 @@ def time_train_steps(trainer: PopulationTrainer, num_steps: int, warmup: int = 1
   """
   chunk = trainer.chunks()[0]
   _, _, (keys, tr_idx, tr_lab, _, _) = trainer._chunk_inputs(chunk)
-  state = shard_models(trainer._init(keys), trainer.mesh)
+  state = trainer._init(keys)
   t_compile = time.perf_counter()
   for i in range(warmup):
     state, m = trainer._train(state, keys, tr_idx, tr_lab, trainer.images, jnp.int32(0),

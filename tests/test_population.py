@@ -136,7 +136,7 @@ def test_bad_runs_are_clear_errors(split, tmp_path):
     population.PopulationTrainer(
         population.PopulationConfig(task_ids=(0,), runs_per_task=1, dataset='npz', model=TINY,
                                     train=population.TrainConfig(batch_size=1000)), ex, split)
-  with pytest.raises(ValueError, match='only 2 local devices'):
+  with pytest.raises(ValueError, match='only 2 devices exist'):
     population.ExecutionConfig('unroll', 'lax', 4, 8).resolve()
 
 
