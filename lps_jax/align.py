@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def _check_pair(theta, phi):
@@ -198,7 +199,7 @@ def _select_layers(names: list[str], layers) -> list[tuple[int, str]]:
 def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
                      models_per_chunk: int = 64, channel_align: bool = True,
                      filter_align: bool = True, strategy: str = 'auto',
-                     impl: str = 'auto') -> jax.Array:
+                     impl: str = 'auto', mesh: Optional[Mesh] = None) -> jax.Array:
   """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G).
 
   strategy 'vmap': chunks of `models_per_chunk` models, vmapped (one compiled program for
@@ -206,7 +207,8 @@ def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
   the chunk bounds memory. 'loop': one jitted model at a time. 'auto': the faster measured on
   the backend (`experiments.benchmark --suites=align`): the loop on CPU for layers >= 2 (2.4x
   and 3.7x faster than vmap on 16- and 32-channel layers, on par on 64-channel ones); vmap
-  elsewhere (8-70x the loop on an H100).
+  elsewhere (8-70x the loop on an H100). `mesh` (1-D, vmap only): each chunk's models are
+  split over its devices (`NamedSharding`), the chunk rounded up to a multiple of its size.
   """
   if kernels.ndim != 5:
     raise ValueError(f'expected stacked kernels (M, h, w, c, g), got {kernels.shape}.')
@@ -219,20 +221,40 @@ def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
     raise ValueError(f"unknown strategy {strategy!r}; choose 'auto', 'vmap' or 'loop'.")
   m = kernels.shape[0]
   size = min(models_per_chunk, m)
+  fn = functools.partial(_align_stack, first_layer=first_layer, channel_align=channel_align,
+                         filter_align=filter_align, impl=impl)
+  if mesh is not None:
+    if len(mesh.axis_names) != 1:
+      raise ValueError(f'align_population shards over a 1-D mesh, got axes {mesh.axis_names}.')
+    size = -(-size // mesh.size) * mesh.size
+    models = NamedSharding(mesh, P(mesh.axis_names[0]))
+    phi = jax.device_put(phi, NamedSharding(mesh, P()))
+    fn = _sharded_align_stack(models, first_layer, channel_align, filter_align, impl)
   outs = []
   for start in range(0, m, size):
     part = kernels[start:start + size]
     n = part.shape[0]
     if n < size:  # Pad the last chunk so it reuses the compiled program.
       part = jnp.concatenate([part, jnp.repeat(part[-1:], size - n, axis=0)])
-    outs.append(_align_stack(part, phi, first_layer, channel_align, filter_align, impl)[:n])
+    if mesh is not None:
+      part = jax.device_put(part, models)
+    outs.append(fn(part, phi)[:n])
   return jnp.concatenate(outs)
 
 
 _align_one = jax.jit(align_layer, static_argnums=(2, 3, 4, 5))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnames=('first_layer', 'channel_align', 'filter_align',
+                                            'impl'))
 def _align_stack(kernels, phi, first_layer, channel_align, filter_align, impl):
   return jax.vmap(lambda t: align_layer(t, phi, first_layer, channel_align, filter_align,
                                         impl))(kernels)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_align_stack(models: NamedSharding, first_layer, channel_align, filter_align, impl):
+  """`_align_stack` with the model axis sharded in and out (one compile per sharding)."""
+  return jax.jit(functools.partial(_align_stack.__wrapped__, first_layer=first_layer,
+                                   channel_align=channel_align, filter_align=filter_align,
+                                   impl=impl), out_shardings=models)

@@ -571,3 +571,33 @@ def time_train_steps(trainer: PopulationTrainer, num_steps: int, warmup: int = 1
   return {'seconds': seconds, 'warmup_seconds': t0 - t_compile,
           'images_per_s': n * trainer.config.train.batch_size / seconds,
           'model_steps_per_s': n / seconds}
+
+
+def step_cost(trainer: PopulationTrainer) -> dict:
+  """FLOPs of one model's train step (XLA cost analysis of the unbatched step) and the
+  per-device memory of the compiled population step (arguments + outputs + temporaries).
+
+  The FLOPs are the useful work, the same whatever the strategy; used by experiments.benchmark
+  for GFLOP/s.
+  """
+  chunk = trainer.chunks()[0]
+  _, _, (keys, tr_idx, tr_lab, _, _) = trainer._chunk_inputs(chunk)
+  state = trainer._init(keys)
+  one = lambda x: jnp.asarray(distributed.to_host(x)[0])
+  step = jax.jit(functools.partial(train_step, model=trainer.model, tx=trainer.tx,
+                                   batch_size=trainer.config.train.batch_size))
+  single = step.lower(jax.tree_util.tree_map(one, state), one(keys), one(tr_idx), one(tr_lab),
+                      jnp.asarray(distributed.to_host(trainer.images)), jnp.int32(0),
+                      jnp.int32(0)).compile()
+  cost = single.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if trainer.execution.strategy == 'loop':
+    compiled = single
+  else:
+    compiled = trainer._train.lower(state, keys, tr_idx, tr_lab, trainer.images, jnp.int32(0),
+                                    jnp.int32(0)).compile()
+  mem = compiled.memory_analysis()
+  peak = (None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                       + mem.temp_size_in_bytes - mem.alias_size_in_bytes))
+  return {'flops_per_model_step': float(cost.get('flops', float('nan'))),
+          'step_memory_bytes_per_device': peak}

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ('lax', 'im2col')
+CONV_IMPLS = ('lax', 'im2col', 'lax_bf16')
 
 
 def tuples_from_json(d: dict) -> dict:
@@ -91,7 +91,8 @@ def _im2col_conv(x, kernel, stride: int):
 
 
 class Conv(nn.Module):
-  """Bias-free conv with an HWIO `kernel`, as `lax` conv or im2col + matmul (same result)."""
+  """Bias-free conv with an HWIO `kernel`: `lax` conv, im2col + matmul (same result), or
+  `lax_bf16` (inputs and kernel rounded to bfloat16, float32 accumulation and output)."""
   features: int
   kernel_size: int
   strides: int = 1
@@ -103,11 +104,13 @@ class Conv(nn.Module):
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     if self.impl == 'im2col':
       return _im2col_conv(x, kernel, self.strides)
-    if self.impl != 'lax':
+    if self.impl not in ('lax', 'lax_bf16'):
       raise ValueError(f'unknown conv impl {self.impl!r}; choose from {CONV_IMPLS}.')
+    if self.impl == 'lax_bf16':
+      x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     return jax.lax.conv_general_dilated(
         x, kernel, (self.strides, self.strides), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), preferred_element_type=jnp.float32)
 
 
 class BasicBlock(nn.Module):

@@ -113,6 +113,11 @@ def test_population_compiles_once_and_gradient_matches_finite_differences():
     np.testing.assert_allclose(
         align.align_population(pop, phi, False, models_per_chunk=4, strategy=strategy), out,
         rtol=1e-5, atol=1e-5)
+  # Sharded over the 2 simulated devices (conftest): chunk 3 rounds up to 4, output the same.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ('models',))
+  sharded = align.align_population(pop, phi, False, models_per_chunk=3, strategy='vmap',
+                                   mesh=mesh)
+  np.testing.assert_allclose(sharded, out, rtol=1e-5, atol=1e-5)
 
   w = jnp.asarray(rng.normal(size=(6, 5, 4)), jnp.float32)
   loss = lambda p: jnp.sum(w * aligned(pop, p))

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,3 +52,8 @@ def test_im2col_equals_lax_conv():
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   feats = resnet.ResNet(cfg).apply(v, x, features=True)
   assert feats.shape == (3, 8)
+  # bfloat16 convs: close to float32 (bf16 rounding only), float32 out, not identical.
+  c = resnet.ResNet(cfg, 'lax_bf16').apply(v, x)
+  assert c.dtype == jnp.float32
+  assert not np.allclose(a, c, rtol=0, atol=1e-7)
+  np.testing.assert_allclose(a, c, rtol=0.05, atol=0.05)
