@@ -40,6 +40,8 @@ flags.DEFINE_float('learning_rate', 1e-3, 'Initial learning rate.')
 flags.DEFINE_list('lr_boundaries', ['40', '80'], 'Epochs after which lr is divided by 10.')
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
 flags.DEFINE_integer('seed', 0, 'Initialisation / shuffling seed of the second-order network.')
+flags.DEFINE_bool('feature_norm', False, 'Not in the paper: standardise each branch\'s aligned '
+                  'features per model before its FC (helps deep branches; see RESULTS.md).')
 flags.DEFINE_integer('test_tasks', 10, 'Held-out tasks (retrieval and transfer modes).')
 flags.DEFINE_enum('dataset', 'npz', ['npz', 'tfds'],
                   'Images clustered in transfer mode (target tasks): the local npz or tfds test.')
@@ -55,7 +57,8 @@ FLAGS = flags.FLAGS
 # Flags that determine the results (a results folder holds one configuration of them).
 CONFIG_FLAGS = ('mode', 'modelset', 'methods', 'split_seeds', 'layer_weights', 'branches',
                 'num_filters', 'epochs', 'batch_size', 'learning_rate', 'lr_boundaries',
-                'momentum', 'seed', 'test_tasks', 'dataset', 'npz_path', 'num_permutations')
+                'momentum', 'seed', 'test_tasks', 'dataset', 'npz_path', 'num_permutations',
+                'feature_norm')
 
 PAPER = {
     'classification': {'random': (2.0, 9.6, 18.3), 'fc_only': (5.3, 17.5, 29.3),
@@ -228,8 +231,10 @@ def main(argv):
     kernels, task_id, ms, branches = _load()
     out_dir = None
     if FLAGS.results_dir:
-      out_dir = results.ResultsDir(FLAGS.results_dir,
-                                   {k: FLAGS[k].value for k in CONFIG_FLAGS})
+      run_config = {k: FLAGS[k].value for k in CONFIG_FLAGS}
+      if not run_config['feature_norm']:  # Folders written before the option stay valid.
+        del run_config['feature_norm']
+      out_dir = results.ResultsDir(FLAGS.results_dir, run_config)
   except (modelset.ModelSetError, results.ResultsError, ValueError) as e:
     sys.exit(f'error: {e}')
 
@@ -238,7 +243,7 @@ def main(argv):
       layer_weights=weights, num_filters=FLAGS.num_filters, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
       lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries), momentum=FLAGS.momentum,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, feature_norm=FLAGS.feature_norm)
   cache = results.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None
   seeds = [int(s) for s in FLAGS.split_seeds]
   fits = {'classification': len([m for m in FLAGS.methods if m != 'random']),

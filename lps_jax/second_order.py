@@ -42,6 +42,7 @@ class Branch(nn.Module):
   raw: bool = False
   channel_align: bool = True
   filter_align: bool = True
+  feature_norm: bool = False
 
   @nn.compact
   def __call__(self, theta):
@@ -53,6 +54,8 @@ class Branch(nn.Module):
                        (h, w, c, self.num_filters))
       feats = align.align_layer(theta, phi, self.first_layer, self.channel_align,
                                 self.filter_align).reshape(-1)
+    if self.feature_norm:  # Per model: remove the common offset, unit scale (not in the paper).
+      feats = (feats - jnp.mean(feats)) / (jnp.std(feats) + 1e-6)
     return nn.Dense(self.num_classes, name='fc')(feats)
 
 
@@ -62,12 +65,14 @@ class SecondOrderNet(nn.Module):
   num_filters: int
   num_classes: int
   method: str = 'lps'
+  feature_norm: bool = False
 
   @nn.compact
   def __call__(self, kernels: Sequence[jax.Array]) -> list[jax.Array]:
     opts = METHODS[self.method]
     return [Branch(self.num_filters, self.num_classes, layer == 0, name=f'branch_{layer}',
-                   **opts)(theta) for layer, theta in zip(self.layers, kernels)]
+                   feature_norm=self.feature_norm, **opts)(theta)
+            for layer, theta in zip(self.layers, kernels)]
 
 
 def eq9_loss(logits: Sequence[jax.Array], label: jax.Array, weights: jax.Array) -> jax.Array:
@@ -100,6 +105,10 @@ class SecondOrderConfig:
   lr_boundaries: tuple[int, ...] = (40, 80)
   momentum: float = 0.9
   seed: int = 0
+  # Not in the paper: standardise each branch's aligned features per model before the FC.
+  # Deep layers' Eq. 6 features share a large offset (max statistics concentrate) and vary
+  # ~1 % across models, which the FC cannot use at lr 1e-3 (RESULTS.md, Fig. 3b).
+  feature_norm: bool = False
 
   def active_layers(self) -> tuple[int, ...]:
     return tuple(i for i, w in enumerate(self.layer_weights) if w > 0)
@@ -127,7 +136,8 @@ class SecondOrderModel:
     if not self.layers:
       raise ValueError('at least one layer weight must be > 0.')
     self.weights = jnp.asarray([config.layer_weights[i] for i in self.layers], jnp.float32)
-    self.net = SecondOrderNet(self.layers, config.num_filters, num_classes, config.method)
+    self.net = SecondOrderNet(self.layers, config.num_filters, num_classes, config.method,
+                              config.feature_norm)
     self.num_classes = num_classes
     self.params = params
 

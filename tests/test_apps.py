@@ -39,3 +39,17 @@ def test_lps_main_bad_model_sets(tmp_path):
   r = _run('experiments.lps_main', '--modelset=results/modelset_test_gpu_full/first_layer_kernels.npz',
            '--layer_weights=0,1')
   assert r.returncode != 0 and "no kernels for ['stage1_block1/conv1']" in r.stderr
+
+
+def test_benchmark_runs_and_writes_json(tmp_path):
+  out = tmp_path / 'b.json'
+  r = _run('experiments.benchmark', '--suites=align', '--align_sizes=3', '--align_filters=2',
+           '--align_chunk=2', '--matmul_size=64', '--num_cpu_devices=1', f'--out={out}')
+  assert r.returncode == 0, r.stderr[-2000:]
+  import json
+  res = json.load(open(out))
+  assert res['matmul']['gflops'] > 0 and len(res['align']) == 4
+  assert all(row['fwd_models_per_s'] > 0 and row['models'] == 3 for row in res['align'])
+  assert '| models | G | layer shape |' in r.stdout
+  r = _run('experiments.benchmark', '--suites=nope', f'--out={out}')
+  assert r.returncode != 0 and 'unknown suites' in r.stderr

@@ -46,6 +46,18 @@ def test_only_weighted_branches_are_built_and_embedding_is_normalised():
   assert 'phi' not in fc.params['branch_0']
 
 
+def test_feature_norm_makes_a_branch_invariant_to_kernel_scale():
+  import jax
+  rng = np.random.default_rng(2)
+  theta = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+  for norm in (False, True):
+    branch = second_order.Branch(7, 4, first_layer=False, feature_norm=norm)
+    params = branch.init(jax.random.PRNGKey(0), theta)
+    a, b = branch.apply(params, theta), branch.apply(params, 3.0 * theta)
+    # Eq. 5-8 are positively homogeneous in theta, so only the standardised branch is invariant.
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-4) == norm
+
+
 def test_bad_inputs():
   cfg = second_order.SecondOrderConfig(num_filters=4, epochs=1)
   model = second_order.SecondOrderModel(cfg, num_classes=2)

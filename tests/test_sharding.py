@@ -71,7 +71,7 @@ def test_checkpoint_from_eight_devices_resumes_on_one_and_four(eight_devices, tm
     wd = str(tmp_path / f'resume{n}')
     shutil.copytree(first, wd)
     r = _ok(_train(wd, f'--num_cpu_devices={n}'))
-    assert f'resumed from epoch 1 checkpoint' in r.stderr and f'onto {n} device' in r.stderr
+    assert 'resumed from epoch 1 checkpoint' in r.stderr and f'onto {n} device' in r.stderr
     _assert_same(_params(eight_devices), _params(wd))
   # A checkpoint of another population (chunk) size is refused, not silently mixed.
   r = _train(first, '--num_cpu_devices=4', '--models_per_chunk=4')
