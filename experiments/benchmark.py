@@ -63,6 +63,11 @@ def _table(title, cols, rows):
   print('| ' + ' | '.join(c for c, _ in cols) + ' |')
   print('|' + '---|' * len(cols))
   for r in rows:
+    if 'images_per_s' not in r and ('skipped' in r or 'error' in r):
+      why = r.get('skipped') or r.get('error')
+      print('| ' + ' | '.join(fmt(r) for _, fmt in cols[:4]) + f' | {why[:80]} |'
+            + ' |' * (len(cols) - 5))
+      continue
     print('| ' + ' | '.join(fmt(r) for _, fmt in cols) + ' |')
   sys.stdout.flush()
 
@@ -89,13 +94,46 @@ def _trainer(size, strategy, conv_impl, n_dev, split):
   return population.PopulationTrainer(cfg, ex, split)
 
 
+def _available_bytes():
+  """Memory the compiled step may use: the GPU's limit, or the host's available RAM on CPU."""
+  import jax
+  dev = jax.local_devices()[0]
+  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  with open('/proc/meminfo') as f:
+    info = dict(line.split(':', 1) for line in f)
+  return int(info['MemAvailable'].split()[0]) * 1024
+
+
 def _measure_train(size, strategy, conv_impl, n_dev, split, peak):
+  """One configuration; a row with 'skipped' (won't fit) or 'error' instead of crashing."""
+  try:
+    return _measure_train_or_raise(size, strategy, conv_impl, n_dev, split, peak)
+  except Exception as e:  # e.g. RESOURCE_EXHAUSTED from XLA: record it, keep the others.
+    print(f'{size:>5} {strategy:>7} {conv_impl:>9} dev={n_dev}  failed: {type(e).__name__}: '
+          f'{str(e)[:200]}', flush=True)
+    return {'population': size, 'strategy': strategy, 'conv_impl': conv_impl, 'devices': n_dev,
+            'error': f'{type(e).__name__}: {str(e)[:500]}'}
+
+
+def _measure_train_or_raise(size, strategy, conv_impl, n_dev, split, peak):
   import jax
   from lps_jax import population
   t0 = time.perf_counter()
   trainer = _trainer(size, strategy, conv_impl, n_dev, split)
+  cost = population.step_cost(trainer)
+  # Simulated CPU devices share the host's RAM; a GPU has its own.
+  need = (cost['step_memory_bytes_per_device'] or 0) * (
+      n_dev if jax.default_backend() == 'cpu' else 1)
+  have = _available_bytes()
+  if need > 0.9 * have:
+    print(f'{size:>5} {strategy:>7} {conv_impl:>9} dev={n_dev}  skipped: the compiled step '
+          f'needs {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available', flush=True)
+    return {'population': size, 'strategy': strategy, 'conv_impl': conv_impl, 'devices': n_dev,
+            'skipped': f'needs {need / 2**30:.1f} GiB of {have / 2**30:.1f} GiB'}
   r = population.time_train_steps(trainer, FLAGS.num_steps)
-  r.update(population.step_cost(trainer))
+  r.update(cost)
   r['gflops'] = r['flops_per_model_step'] * r['model_steps_per_s'] / 1e9
   r['pct_of_matmul'] = 100 * r['gflops'] / peak if peak else float('nan')
   r.update(population=size, strategy=strategy, conv_impl=conv_impl, devices=n_dev,
@@ -134,13 +172,15 @@ def train_suite(peak):
       if n_dev > len(jax.local_devices()) or size % n_dev or spec in slow:
         continue
       r = _measure_train(size, strategy, conv_impl, n_dev, split, peak)
-      if r['total_seconds'] > FLAGS.max_config_seconds:
+      if r.get('total_seconds', 0) > FLAGS.max_config_seconds:
         slow.add(spec)
         print(f'  ({spec} took {r["total_seconds"]:.0f} s: larger populations skipped)')
       rows.append(r)
   for r in rows:
-    base = [b for b in rows if b['population'] == r['population'] and b['strategy'] == 'loop']
-    r['vs_loop'] = r['images_per_s'] / base[0]['images_per_s'] if base else None
+    base = [b for b in rows if b['population'] == r['population'] and b['strategy'] == 'loop'
+            and 'images_per_s' in b]
+    r['vs_loop'] = (r['images_per_s'] / base[0]['images_per_s']
+                    if base and 'images_per_s' in r else None)
   _table('first-order training', _TRAIN_COLS + [
       ('vs loop', lambda r: f'{r["vs_loop"]:.2f}x' if r['vs_loop'] else '-')], rows)
   return rows
@@ -250,18 +290,21 @@ def main(argv):
     sys.exit(f'error: unknown suites {sorted(unknown)}.')
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
              'cpu_count': os.cpu_count(), 'argv': sys.argv[1:]}
+  def save():  # After every suite, so a later failure never loses finished figures.
+    tmp = FLAGS.out + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(tmp, FLAGS.out)
+
   results['matmul'] = matmul_suite()
   peak = results['matmul']['gflops']
-  if 'train' in FLAGS.suites:
-    results['train'] = train_suite(peak)
-  if 'devices' in FLAGS.suites:
-    results['devices'] = devices_suite(peak)
-  if 'align' in FLAGS.suites:
-    results['align'] = align_suite(peak)
-  if 'chunks' in FLAGS.suites:
-    results['chunks'] = chunks_suite()
-  with open(FLAGS.out, 'w') as f:
-    json.dump(results, f, indent=1)
+  suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
+            ('align', lambda: align_suite(peak)), ('chunks', chunks_suite)]
+  for name, run in suites:
+    if name in FLAGS.suites:
+      results[name] = run()
+      save()
+  save()
   print(f'\nwritten to {FLAGS.out}')
 
 

@@ -35,7 +35,8 @@ flags.DEFINE_list('blocks_per_stage', ['3', '3', '3'], 'Basic blocks per stage (
 flags.DEFINE_list('widths', ['16', '32', '64'], 'Channels per stage.')
 flags.DEFINE_enum('strategy', 'auto', ['auto', 'loop', 'vmap', 'unroll'],
                   'How the population runs (auto = fastest measured for the backend).')
-flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'im2col'], 'Conv formulation.')
+flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'im2col', 'lax_bf16'],
+                  'Conv formulation (lax_bf16: bfloat16 inputs, float32 accumulation).')
 flags.DEFINE_integer('models_per_chunk', 10, 'Models trained together; bounds memory.')
 flags.DEFINE_integer('num_devices', 0, 'Devices to shard the population over (0 = all).')
 flags.DEFINE_integer('num_cpu_devices', 2, 'Simulated host devices when running on CPU.')
