@@ -256,20 +256,29 @@ def chunks_suite():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for pop in map(int, FLAGS.chunk_populations):
     workdir = os.path.join('/tmp', f'lps_bench_chunks_{os.getpid()}_{pop}')
-    cmd = [sys.executable, '-m', 'experiments.train_population', '--dataset=npz',
+    # The child reports its own high-water RSS (VmHWM): rusage's maxrss would carry this
+    # (large) process's peak over into the child.
+    child = ('import runpy, sys\n'
+             'sys.argv = ["train_population"] + sys.argv[1:]\n'
+             'try:\n'
+             '  runpy.run_module("experiments.train_population", run_name="__main__")\n'
+             'finally:\n'
+             '  hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]\n'
+             '  sys.stderr.write("VMHWM_KB=" + hwm.split()[1] + "\\n")\n')
+    cmd = [sys.executable, '-c', child, '--dataset=npz',
            f'--num_tasks={pop}', '--runs_per_task=1', '--epochs=1', '--batch_size=32',
            f'--models_per_chunk={FLAGS.chunk_size}', '--checkpoint_every=1', '--noprogress',
            f'--workdir={workdir}', '--num_cpu_devices=2',
            f'--num_devices={2 if jax.default_backend() == "cpu" else 1}']
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
     subprocess.run(['rm', '-rf', workdir])
-    if proc.returncode:
-      raise RuntimeError(f'chunks suite run failed: {err[-2000:]}')
-    row = {'population': pop, 'chunk': FLAGS.chunk_size, 'peak_rss_mb': usage.ru_maxrss / 1024,
+    hwm = [l for l in proc.stderr.splitlines() if l.startswith('VMHWM_KB=')]
+    if proc.returncode or not hwm:
+      raise RuntimeError(f'chunks suite run failed: {proc.stderr[-2000:]}')
+    row = {'population': pop, 'chunk': FLAGS.chunk_size,
+           'peak_rss_mb': int(hwm[-1].split('=')[1]) / 1024,
            'seconds': time.perf_counter() - t0}
     rows.append(row)
     print(f'population {pop:>4} (chunks of {FLAGS.chunk_size}): peak RSS '
