@@ -39,6 +39,8 @@ flags.DEFINE_integer('max_config_seconds', 600, 'Skip larger populations of a co
 flags.DEFINE_list('align_sizes', ['50', '500'], 'Population sizes (align suite).')
 flags.DEFINE_list('align_filters', ['10', '100'], 'Second-order filters G (align suite).')
 flags.DEFINE_integer('align_chunk', 50, 'Models aligned at once (bounds the memory).')
+flags.DEFINE_list('align_impls', ['auto'], 'Eq. 5 + 6 formulations to compare for layers >= 2 '
+                  '(auto, einsum, stream; see align.channel_scores).')
 flags.DEFINE_list('chunk_populations', ['4', '8', '16'], 'Populations of the chunks suite.')
 flags.DEFINE_integer('chunk_size', 4, 'models_per_chunk of the chunks suite.')
 flags.DEFINE_integer('matmul_size', 0, 'Side of the yardstick matmul (0: 2048 on CPU, 8192 else).')
@@ -213,34 +215,36 @@ def align_suite(peak):
   print(f'\nalign: backend={backend}, chunk={FLAGS.align_chunk}')
   for m in map(int, FLAGS.align_sizes):
     for big_g in map(int, FLAGS.align_filters):
-      for name, shape, first in shapes:
+      for (name, shape, first), impl in [(sh, i) for sh in shapes for i in
+                                         (['auto'] if sh[2] else FLAGS.align_impls)]:
         key = jax.random.PRNGKey(0)
         kernels = jax.random.normal(key, (m,) + shape)
         phi = jax.random.normal(jax.random.fold_in(key, 1), shape[:3] + (big_g,))
         h, w, c, g = shape
         flops = 2 * h * w * c * g * big_g * (1 if first else c)  # Eq. 7 or Eq. 5 per model.
         chunk = min(FLAGS.align_chunk, m)
-        fwd = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk)
+        fwd = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk, impl=impl)
         t_fwd = _time(fwd, kernels, phi, repeats=2)
         grad = jax.jit(jax.grad(lambda p, k: jnp.sum(jax.vmap(
-            lambda t: align.align_layer(t, p, first))(k))))
+            lambda t: align.align_layer(t, p, first, impl=impl))(k))))
         t_grad = _time(grad, phi, kernels[:chunk], repeats=2) * (m / chunk)
-        compiled = jax.jit(jax.vmap(lambda t, p: align.align_layer(t, p, first),
+        compiled = jax.jit(jax.vmap(lambda t, p: align.align_layer(t, p, first, impl=impl),
                                     (0, None))).lower(kernels[:chunk], phi).compile()
         mem = compiled.memory_analysis()
         chunk_mem = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                      + mem.output_size_in_bytes) if mem is not None else None
         row = {'layer': name, 'models': m, 'G': big_g, 'chunk': chunk, 'backend': backend,
+               'impl': impl,
                'fwd_models_per_s': m / t_fwd, 'fwd_bwd_models_per_s': m / t_grad,
                'fwd_gflops': flops * m / t_fwd / 1e9, 'chunk_memory_bytes': chunk_mem}
         row['pct_of_matmul'] = 100 * row['fwd_gflops'] / peak if peak else float('nan')
         rows.append(row)
-        print(f'{m:>5} G={big_g:<4} {name:>22}: fwd {row["fwd_models_per_s"]:9.0f} models/s '
+        print(f'{m:>5} G={big_g:<4} {name:>22} {impl:>6}: fwd {row["fwd_models_per_s"]:9.0f} models/s '
               f'({row["fwd_gflops"]:6.1f} GFLOP/s) | fwd+bwd {row["fwd_bwd_models_per_s"]:8.0f} '
               f'models/s | chunk memory {(chunk_mem or 0) / 2**20:.0f} MB', flush=True)
   _table('alignment (Eq. 5-8), align_population defaults', [
       ('models', lambda r: str(r['models'])), ('G', lambda r: str(r['G'])),
-      ('layer shape', lambda r: r['layer']),
+      ('layer shape', lambda r: r['layer']), ('Eq. 5+6', lambda r: r['impl']),
       ('fwd models/s', lambda r: f'{r["fwd_models_per_s"]:.0f}'),
       ('fwd GFLOP/s', lambda r: f'{r["fwd_gflops"]:.1f}'),
       ('% of matmul', lambda r: f'{r["pct_of_matmul"]:.1f}'),

@@ -135,7 +135,8 @@ def transfer_markdown(res, command):
 
 
 def render(res, results_dir):
-  """results.md and the PNG of a finished run (also what --replot does)."""
+  """results.md text of a finished run, and its PNG into `results_dir` (if given); also what
+  --replot does."""
   import numpy as np
   from lps_jax import plots
   mode, summary, command = res['mode'], res['results'], res['command']
@@ -144,24 +145,27 @@ def render(res, results_dir):
   elif mode == 'branches':
     text = branches_markdown(summary, command)
     top1 = [np.mean([r['top-1'] for r in runs]) for runs in summary.values()]
-    plots.branch_bars([int(b) for b in summary], top1, res['chance'],
-                      os.path.join(results_dir, 'fig3b_branches.png'))
+    if results_dir:
+      plots.branch_bars([int(b) for b in summary], top1, res['chance'],
+                        os.path.join(results_dir, 'fig3b_branches.png'))
   elif mode == 'alignment':
     text = alignment_markdown(summary, command)
     branches = list(next(iter(summary.values())))
-    plots.alignment_bars([int(b) for b in branches],
-                         {v: [np.mean([r['top-1'] for r in per[b]]) for b in branches]
-                          for v, per in summary.items()},
-                         res['chance'], os.path.join(results_dir, 'fig3c_alignment.png'))
+    if results_dir:
+      plots.alignment_bars([int(b) for b in branches],
+                           {v: [np.mean([r['top-1'] for r in per[b]]) for b in branches]
+                            for v, per in summary.items()},
+                           res['chance'], os.path.join(results_dir, 'fig3c_alignment.png'))
   else:
     text = transfer_markdown(summary, command)
     first = summary[0]
     sim, ari = np.asarray(first['similarity']), np.asarray(first['ari'])
     off = ~np.eye(sim.shape[0], dtype=bool)
-    plots.transfer_scatter(sim[off], ari[off], first['correlation'],
-                           os.path.join(results_dir, 'fig3a_transfer.png'),
-                           title=f'Fig. 3a: {off.sum()} task pairs (split seed '
-                                 f'{first["split_seed"]})')
+    if results_dir:
+      plots.transfer_scatter(sim[off], ari[off], first['correlation'],
+                             os.path.join(results_dir, 'fig3a_transfer.png'),
+                             title=f'Fig. 3a: {off.sum()} task pairs (split seed '
+                                   f'{first["split_seed"]})')
   text += (f'\n{res["num_models"]} models, {res["num_tasks"]} tasks from `{res["modelset"]}`; '
            f'mean ± std over split seeds {res["split_seeds"]}; {res["wall_seconds"]:.0f} s wall '
            'time (cached work counts as 0).\n')
@@ -176,7 +180,7 @@ def _branch_list(num_layers):
 
 def _load():
   """(kernels, task_id, model_set or None, branches or None) for the mode."""
-  from lps_jax import modelset
+  from lps_jax import modelset, resnet
   if FLAGS.mode in ('transfer', 'branches', 'alignment'):
     if FLAGS.modelset.endswith('.npz'):
       what = ('runs the first-order models on images' if FLAGS.mode == 'transfer'
@@ -188,7 +192,7 @@ def _load():
     if FLAGS.mode == 'transfer':
       kernels, _ = modelset.layer_kernels(ms, len(FLAGS.layer_weights))
       return kernels, ms.task_id, ms, None
-    _, names = modelset.layer_kernels(ms, 1)
+    names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(ms.config['model']))
     branches = _branch_list(len(names))
     lo = 2 if FLAGS.mode == 'alignment' else 1
     bad = [b for b in branches if not lo <= b <= len(names)]
@@ -231,10 +235,8 @@ def main(argv):
     kernels, task_id, ms, branches = _load()
     out_dir = None
     if FLAGS.results_dir:
-      run_config = {k: FLAGS[k].value for k in CONFIG_FLAGS}
-      if not run_config['feature_norm']:  # Folders written before the option stay valid.
-        del run_config['feature_norm']
-      out_dir = results.ResultsDir(FLAGS.results_dir, run_config)
+      out_dir = results.ResultsDir(FLAGS.results_dir,
+                                   {k: FLAGS[k].value for k in CONFIG_FLAGS})
   except (modelset.ModelSetError, results.ResultsError, ValueError) as e:
     sys.exit(f'error: {e}')
 
@@ -321,9 +323,7 @@ def main(argv):
     text = render(res, out_dir.path)
     out_dir.write_text('results.md', text)
   else:
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-      text = render(res, tmp)
+    text = render(res, None)
   print(text)
 
 

@@ -58,8 +58,8 @@ def channel_scores(theta: jax.Array, phi: jax.Array, channel_align: bool = True,
   channel_align=False: channels matched by index, sum_c s[gi, gj, c, c] (no alignment).
   impl: 'einsum' = `channel_max(frobenius_scores(...))` (materialises the (g, G, c, c) scores;
   autodiff), 'stream' = `streamed_channel_max` (running max over ci, custom VJP), 'auto' =
-  'stream' on CPU (19x faster forward + backward on a 64-channel layer there, measured by
-  `experiments.benchmark --suites=align`), 'einsum' elsewhere.
+  'stream' on CPU (forward + backward ~20x faster on a 64-channel layer there, measured by
+  `experiments.benchmark --suites=align --align_impls=stream,einsum`), 'einsum' elsewhere.
   """
   if not channel_align:
     return first_layer_scores(theta, phi)
@@ -206,7 +206,8 @@ def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
   every chunk). A 64-channel layer's (g, G, c, c) scores are ~105 MB per model at G = 100, so
   the chunk bounds memory. 'loop': one jitted model at a time. 'auto': the faster measured on
   the backend (`experiments.benchmark --suites=align`): the loop on CPU for layers >= 2 (2.4x
-  and 3.7x faster than vmap on 16- and 32-channel layers, on par on 64-channel ones); vmap
+  and 3.7x faster than vmap on 16- and 32-channel layers, on par on 64-channel ones, measured
+  with the einsum formulation before 'stream' became the CPU default; not re-measured); vmap
   elsewhere (8-70x the loop on an H100). `mesh` (1-D, vmap only): each chunk's models are
   split over its devices (`NamedSharding`), the chunk rounded up to a multiple of its size.
   """

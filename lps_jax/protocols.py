@@ -90,10 +90,7 @@ def fit_cached(config: second_order.SecondOrderConfig, num_classes: int, kernels
   key = None
   if cache is not None:
     layers = config.active_layers()
-    fields = dataclasses.asdict(config)
-    if not fields['feature_norm']:  # Keys of caches written before the option stay valid.
-      del fields['feature_norm']
-    key = {'kind': 'second_order_params', 'config': fields,
+    key = {'kind': 'second_order_params', 'config': dataclasses.asdict(config),
            'num_classes': num_classes,
            'data': results.fingerprint(np.asarray(labels), *[np.asarray(kernels[i])
                                                              for i in layers])}

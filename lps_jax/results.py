@@ -56,6 +56,14 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+def _read_json(path: str, remedy: str) -> Any:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ResultsError(f'{path} is corrupt ({e}); {remedy}.') from e
+
+
 class Cache:
   """Content-addressed store: `get_bytes` / `put_bytes` and `arrays` (compute once, npz)."""
 
@@ -109,11 +117,7 @@ class ResultsDir:
       if not os.path.exists(cfg_path):
         raise ResultsError(f'{path} is not empty and has no {self.CONFIG}: it is not a results '
                            'folder of lps_main; pass an empty or new --results_dir.')
-      with open(cfg_path) as f:
-        try:
-          old = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ResultsError(f'{cfg_path} is corrupt ({e}); move the folder away and rerun.')
+      old = _read_json(cfg_path, 'move the folder away and rerun')
       if old != self.config:
         diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
         raise ResultsError(
@@ -139,11 +143,7 @@ def read_results(path: str, mode: Optional[str] = None) -> dict:
   if not os.path.exists(file):
     raise ResultsError(f'{path} holds no results.json: run the experiment first (without '
                        '--replot), or point --results_dir at a finished run.')
-  with open(file) as f:
-    try:
-      res = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ResultsError(f'{file} is corrupt ({e}); rerun the experiment to rewrite it.')
+  res = _read_json(file, 'rerun the experiment to rewrite it')
   if mode is not None and res.get('mode') != mode:
     raise ResultsError(f'{file} holds a {res.get("mode")!r} run, not {mode!r}; pass the '
                        'matching --mode or --results_dir.')

@@ -156,7 +156,8 @@ def test_results_dir_and_cache_units(tmp_path):
   results.ResultsDir(str(tmp_path / 'r'), {'b': (1, 2), 'a': 1})   # same config: fine
   with pytest.raises(results.ResultsError, match=r"differs in \['a'\]"):
     results.ResultsDir(str(tmp_path / 'r'), {'a': 2, 'b': [1, 2]})
-  d.write_json('x.json', {'v': np.float32(0.5)})
+  d.write_json('x.json', {'v': np.float32(0.5), 'n': np.int64(3)})   # numpy scalars too
+  assert json.load(open(d.file('x.json'))) == {'v': 0.5, 'n': 3}
   cache = results.Cache(str(tmp_path / 'c'))
   calls = []
   compute = lambda: calls.append(1) or {'x': np.arange(3)}
