@@ -1,19 +1,26 @@
 """Benchmark suite: how the cost of first- and second-order work grows with the work.
 
   python -m experiments.benchmark                                  # all suites, CPU defaults
+  python -m experiments.benchmark --suites=train --configs=default # what the trainer runs here
   python -m experiments.benchmark --suites=train --population_sizes=1,8,32,128,500 \
-      --configs=loop/lax/1,vmap/lax/1,vmap/im2col/1,vmap/lax_bf16/1     # e.g. on a GPU
+      --configs=default,loop/lax/1,vmap/lax/1,vmap/im2col/1,vmap/lax_bf16/1     # e.g. on a GPU
+  python -m experiments.benchmark --suites=torch                   # side by side with PyTorch
 
 Suites (figures printed as markdown tables and written to --out as JSON):
   matmul   a plain large float32 matmul: the backend's reachable GFLOP/s, the yardstick;
-  train    first-order training vs population size for each strategy/conv/devices config, the
-           per-model loop included: images/s, model-steps/s, GFLOP/s (useful FLOPs from XLA's
-           cost analysis of one model's step), % of the matmul, compiled step memory per device;
+  train    first-order training vs population size for each execution config (`default` =
+           whatever `ExecutionConfig()` resolves to on this backend; else
+           strategy/conv/devices[/step]): images/s, model-steps/s, GFLOP/s (useful FLOPs from
+           XLA's cost analysis of one model's step), % of the matmul, compiled step memory;
   devices  the same population on 1, 2, 4, 8 (simulated) devices;
+  torch    the default config and PyTorch's per-model loop (plain and channels_last, each run in
+           its own process, rounds interleaved) on the same ResNet-20 step, with their ratio;
+           needs the optional `torch` package, skipped with a message otherwise;
   align    Eq. 5-8 over a population vs population size and G: models/s forward and
            forward+backward, GFLOP/s, % of the matmul, compiled memory per chunk;
   chunks   peak resident memory of a real `train_population` run (one epoch, its own process)
            at 1x, 2x and 4x the chunk size: bounded by the chunk, not the population.
+Training suites read CIFAR-100 from the offline folder (--data_dir, default $LPS_DATA_DIR).
 """
 import json
 import os
@@ -23,19 +30,26 @@ import time
 
 from absl import app, flags
 
+from experiments import bench_lib
+from lps_jax import data as data_lib
+
+SUITES = ('matmul', 'train', 'devices', 'torch', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
-                  'Which benchmarks to run.')
+                  f'Which benchmarks to run, of {SUITES}.')
 flags.DEFINE_list('population_sizes', ['1', '8', '32'], 'Models per chunk (train suite).')
-flags.DEFINE_list('configs', ['loop/lax/1', 'vmap/lax/1', 'vmap/im2col/1', 'unroll/lax/1',
-                              'unroll/lax/2', 'unroll/im2col/2', 'unroll/lax_bf16/2'],
-                  'strategy/conv_impl/num_devices to measure (train suite).')
+flags.DEFINE_list('configs', ['default', 'loop/lax/1/fused', 'loop/lax/1/split', 'loop/lax/2/split',
+                              'vmap/lax/1', 'unroll/lax/2', 'loop/lax_bf16/2/split'],
+                  'Execution configs (train suite): default, or strategy/conv/devices[/step].')
 flags.DEFINE_list('device_counts', ['1', '2', '4', '8'], 'Devices (devices suite).')
 flags.DEFINE_integer('devices_population', 8, 'Population of the devices suite.')
-flags.DEFINE_string('devices_config', 'unroll/lax', 'strategy/conv of the devices suite.')
+flags.DEFINE_string('devices_config', 'default', 'Config of the devices suite (its device count '
+                    'is replaced by each of --device_counts).')
 flags.DEFINE_integer('batch_size', 128, 'Images per model per step.')
 flags.DEFINE_integer('num_steps', 3, 'Timed steps per configuration.')
 flags.DEFINE_integer('max_config_seconds', 600, 'Skip larger populations of a config once one '
                      'population took longer than this (compile + timed steps).')
+flags.DEFINE_integer('torch_models', 8, 'Models per round of the torch suite.')
+flags.DEFINE_integer('torch_rounds', 3, 'Interleaved rounds of the torch suite (medians).')
 flags.DEFINE_list('align_sizes', ['50', '500'], 'Population sizes (align suite).')
 flags.DEFINE_list('align_filters', ['10', '100'], 'Second-order filters G (align suite).')
 flags.DEFINE_integer('align_chunk', 50, 'Models aligned at once (bounds the memory).')
@@ -45,19 +59,10 @@ flags.DEFINE_list('chunk_populations', ['4', '8', '16'], 'Populations of the chu
 flags.DEFINE_integer('chunk_size', 4, 'models_per_chunk of the chunks suite.')
 flags.DEFINE_integer('matmul_size', 0, 'Side of the yardstick matmul (0: 2048 on CPU, 8192 else).')
 flags.DEFINE_integer('num_cpu_devices', 8, 'Simulated host devices when on CPU.')
+flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
+                    f'Offline data folder (train_*.npz + test.npz); default ${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('out', 'benchmark_results.json', 'Where to write the JSON figures.')
 FLAGS = flags.FLAGS
-
-
-def _time(fn, *args, repeats=3):
-  import jax
-  jax.block_until_ready(fn(*args))  # Compile + warm up.
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def _table(title, cols, rows):
@@ -67,8 +72,8 @@ def _table(title, cols, rows):
   for r in rows:
     if 'images_per_s' not in r and ('skipped' in r or 'error' in r):
       why = r.get('skipped') or r.get('error')
-      print('| ' + ' | '.join(fmt(r) for _, fmt in cols[:4]) + f' | {why[:80]} |'
-            + ' |' * (len(cols) - 5))
+      print('| ' + ' | '.join(fmt(r) for _, fmt in cols[:5]) + f' | {why[:80]} |'
+            + ' |' * (len(cols) - 6))
       continue
     print('| ' + ' | '.join(fmt(r) for _, fmt in cols) + ' |')
   sys.stdout.flush()
@@ -76,24 +81,10 @@ def _table(title, cols, rows):
 
 def matmul_suite():
   import jax
-  import jax.numpy as jnp
   n = FLAGS.matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  t = _time(jax.jit(jnp.dot), a, b, repeats=5)
-  row = {'n': n, 'seconds': t, 'gflops': 2 * n**3 / t / 1e9, 'backend': jax.default_backend()}
-  print(f'matmul {n}x{n} float32: {row["gflops"]:.1f} GFLOP/s ({t * 1e3:.1f} ms)')
+  row = bench_lib.matmul_gflops(n)
+  print(f'matmul {n}x{n} float32: {row["gflops"]:.1f} GFLOP/s ({row["seconds"] * 1e3:.1f} ms)')
   return row
-
-
-def _trainer(size, strategy, conv_impl, n_dev, split):
-  from lps_jax import population
-  tasks = tuple(range(min(size, 50)))
-  runs = -(-size // len(tasks))  # Enough models for one chunk of `size`.
-  cfg = population.PopulationConfig(task_ids=tasks, runs_per_task=runs, dataset='npz',
-                                    train=population.TrainConfig(batch_size=FLAGS.batch_size))
-  ex = population.ExecutionConfig(strategy, conv_impl, size, n_dev)
-  return population.PopulationTrainer(cfg, ex, split)
 
 
 def _available_bytes():
@@ -108,50 +99,56 @@ def _available_bytes():
   return int(info['MemAvailable'].split()[0]) * 1024
 
 
-def _measure_train(size, strategy, conv_impl, n_dev, split, peak):
+def _describe(size, spec, ex):
+  return {'population': size, 'config': spec, 'strategy': ex.strategy, 'conv_impl': ex.conv_impl,
+          'step': ex.step, 'devices': ex.num_devices}
+
+
+def _measure_train(size, spec, splits, peak):
   """One configuration; a row with 'skipped' (won't fit) or 'error' instead of crashing."""
   try:
-    return _measure_train_or_raise(size, strategy, conv_impl, n_dev, split, peak)
+    ex = bench_lib.parse_config(spec)
+  except ValueError as e:
+    return {'population': size, 'config': spec, 'error': str(e)}
+  row = _describe(size, spec, ex)
+  try:
+    return _measure_train_or_raise(size, ex, splits, peak, row)
   except Exception as e:  # e.g. RESOURCE_EXHAUSTED from XLA: record it, keep the others.
-    print(f'{size:>5} {strategy:>7} {conv_impl:>9} dev={n_dev}  failed: {type(e).__name__}: '
-          f'{str(e)[:200]}', flush=True)
-    return {'population': size, 'strategy': strategy, 'conv_impl': conv_impl, 'devices': n_dev,
-            'error': f'{type(e).__name__}: {str(e)[:500]}'}
+    print(f'{size:>5} {spec:>20}  failed: {type(e).__name__}: {str(e)[:200]}', flush=True)
+    return dict(row, error=f'{type(e).__name__}: {str(e)[:500]}')
 
 
-def _measure_train_or_raise(size, strategy, conv_impl, n_dev, split, peak):
+def _measure_train_or_raise(size, ex, splits, peak, row):
   import jax
-  from lps_jax import population
   t0 = time.perf_counter()
-  trainer = _trainer(size, strategy, conv_impl, n_dev, split)
-  cost = population.step_cost(trainer)
+  tr = bench_lib.make_trainer(size, ex, FLAGS.batch_size, splits)
+  cost = bench_lib.step_cost(tr)
   # Simulated CPU devices share the host's RAM; a GPU has its own.
   need = (cost['step_memory_bytes_per_device'] or 0) * (
-      n_dev if jax.default_backend() == 'cpu' else 1)
+      ex.num_devices if jax.default_backend() == 'cpu' and ex.strategy != 'loop' else 1)
   have = _available_bytes()
   if need > 0.9 * have:
-    print(f'{size:>5} {strategy:>7} {conv_impl:>9} dev={n_dev}  skipped: the compiled step '
-          f'needs {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available', flush=True)
-    return {'population': size, 'strategy': strategy, 'conv_impl': conv_impl, 'devices': n_dev,
-            'skipped': f'needs {need / 2**30:.1f} GiB of {have / 2**30:.1f} GiB'}
-  r = population.time_train_steps(trainer, FLAGS.num_steps)
+    print(f'{size:>5} {row["config"]:>20}  skipped: the compiled step needs '
+          f'{need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available', flush=True)
+    return dict(row, skipped=f'needs {need / 2**30:.1f} GiB of {have / 2**30:.1f} GiB')
+  r = bench_lib.time_train_steps(tr, FLAGS.num_steps)
   r.update(cost)
   r['gflops'] = r['flops_per_model_step'] * r['model_steps_per_s'] / 1e9
   r['pct_of_matmul'] = 100 * r['gflops'] / peak if peak else float('nan')
-  r.update(population=size, strategy=strategy, conv_impl=conv_impl, devices=n_dev,
-           backend=jax.default_backend(), batch_size=FLAGS.batch_size,
+  r.update(row, backend=jax.default_backend(), batch_size=FLAGS.batch_size,
            total_seconds=time.perf_counter() - t0)
   mem = r['step_memory_bytes_per_device']
-  print(f'{size:>5} {strategy:>7} {conv_impl:>9} dev={n_dev}  {r["images_per_s"]:9.1f} img/s  '
-        f'{r["model_steps_per_s"]:8.3f} model-steps/s  {r["gflops"]:7.1f} GFLOP/s  '
-        f'mem/dev {mem / 2**20 if mem else float("nan"):7.0f} MB  '
+  print(f'{size:>5} {row["config"]:>20} ({ex.strategy}/{ex.conv_impl}/{ex.num_devices}/'
+        f'{ex.step})  {r["images_per_s"]:9.1f} img/s  {r["model_steps_per_s"]:8.3f} model-steps/s  '
+        f'{r["gflops"]:7.1f} GFLOP/s  mem/dev {mem / 2**20 if mem else float("nan"):7.0f} MB  '
         f'(compile+warmup {r["warmup_seconds"]:.1f}s)', flush=True)
   return r
 
 
 _TRAIN_COLS = [
-    ('population', lambda r: str(r['population'])), ('strategy', lambda r: r['strategy']),
-    ('conv', lambda r: r['conv_impl']), ('devices', lambda r: str(r['devices'])),
+    ('population', lambda r: str(r['population'])), ('config', lambda r: r['config']),
+    ('strategy', lambda r: r.get('strategy', '-')), ('conv', lambda r: r.get('conv_impl', '-')),
+    ('devices / step', lambda r: f'{r.get("devices", "-")} / {r.get("step", "-")}'),
     ('images/s', lambda r: f'{r["images_per_s"]:.1f}'),
     ('model-steps/s', lambda r: f'{r["model_steps_per_s"]:.3f}'),
     ('GFLOP/s', lambda r: f'{r["gflops"]:.1f}'),
@@ -160,41 +157,84 @@ _TRAIN_COLS = [
 ]
 
 
+def _splits(size):
+  try:
+    return bench_lib.load_splits(FLAGS.data_dir, size)
+  except data_lib.DataError as e:
+    sys.exit(f'error: {e}')
+
+
 def train_suite(peak):
   import jax
-  from lps_jax import data
-  split = data.load_npz()
+  sizes = [int(s) for s in FLAGS.population_sizes]
+  splits = _splits(max(sizes))
   print(f'\ntrain: backend={jax.default_backend()} devices={len(jax.local_devices())} '
         f'batch={FLAGS.batch_size}')
   rows, slow = [], set()
-  for size in map(int, FLAGS.population_sizes):
+  for size in sizes:
     for spec in FLAGS.configs:
-      strategy, conv_impl, n_dev = spec.split('/')
-      n_dev = int(n_dev)
-      if n_dev > len(jax.local_devices()) or size % n_dev or spec in slow:
+      if spec in slow:
         continue
-      r = _measure_train(size, strategy, conv_impl, n_dev, split, peak)
+      r = _measure_train(size, spec, splits, peak)
       if r.get('total_seconds', 0) > FLAGS.max_config_seconds:
         slow.add(spec)
         print(f'  ({spec} took {r["total_seconds"]:.0f} s: larger populations skipped)')
       rows.append(r)
   for r in rows:
-    base = [b for b in rows if b['population'] == r['population'] and b['strategy'] == 'loop'
+    base = [b for b in rows if b['population'] == r['population'] and b['config'] == 'default'
             and 'images_per_s' in b]
-    r['vs_loop'] = (r['images_per_s'] / base[0]['images_per_s']
-                    if base and 'images_per_s' in r else None)
+    r['vs_default'] = (r['images_per_s'] / base[0]['images_per_s']
+                       if base and 'images_per_s' in r else None)
   _table('first-order training', _TRAIN_COLS + [
-      ('vs loop', lambda r: f'{r["vs_loop"]:.2f}x' if r['vs_loop'] else '-')], rows)
+      ('vs default', lambda r: f'{r["vs_default"]:.2f}x' if r['vs_default'] else '-')], rows)
   return rows
+
+
+def torch_suite(peak):
+  """The default config and PyTorch's per-model loop, interleaved rounds, medians and ratios."""
+  import numpy as np
+  if not bench_lib.torch_available():
+    print('\ntorch suite skipped: PyTorch is not installed (optional extra: pip install torch).')
+    return {'skipped': 'torch not installed'}
+  size = FLAGS.torch_models
+  splits = _splits(size)
+  runs = {'lps-jax default': [], 'PyTorch': [], 'PyTorch channels_last': []}
+  for i in range(FLAGS.torch_rounds):
+    r = _measure_train(size, 'default', splits, peak)
+    if 'images_per_s' not in r:
+      raise RuntimeError(f'the default config failed: {r}')
+    runs['lps-jax default'].append(r)
+    for name, cl in (('PyTorch', False), ('PyTorch channels_last', True)):
+      t = bench_lib.torch_images_per_s(size, FLAGS.num_steps, FLAGS.batch_size, cl)
+      print(f'round {i + 1}: {name}: {t["images_per_s"]:.1f} img/s', flush=True)
+      runs[name].append(t)
+  median = {k: float(np.median([r['images_per_s'] for r in v])) for k, v in runs.items()}
+  flops = runs['lps-jax default'][0]['flops_per_model_step']
+  rows = [{'what': k, 'images_per_s': median[k], 'rounds': [r['images_per_s'] for r in v],
+           'pct_of_matmul': 100 * flops * median[k] / FLAGS.batch_size / 1e9 / peak,
+           'ours_vs_this': median['lps-jax default'] / median[k]} for k, v in runs.items()]
+  d = runs['lps-jax default'][0]
+  print(f'\n### ResNet-20 training step side by side ({size} models one after another, batch '
+        f'{FLAGS.batch_size}, medians of {FLAGS.torch_rounds} interleaved rounds; default = '
+        f'{d["strategy"]}/{d["conv_impl"]}/{d["devices"]} devices/{d["step"]} step)\n')
+  print('| what | images/s (median) | rounds | % of matmul | lps-jax default / this |')
+  print('|---|---|---|---|---|')
+  for r in rows:
+    print(f'| {r["what"]} | {r["images_per_s"]:.1f} | '
+          + ', '.join(f'{x:.0f}' for x in r['rounds'])
+          + f' | {r["pct_of_matmul"]:.1f} | {r["ours_vs_this"]:.2f}x |')
+  sys.stdout.flush()
+  return {'rows': rows, 'torch': runs['PyTorch'][0].get('torch'), 'default': _describe(
+      size, 'default', bench_lib.parse_config('default'))}
 
 
 def devices_suite(peak):
   import jax
-  from lps_jax import data
-  split = data.load_npz()
-  strategy, conv_impl = FLAGS.devices_config.split('/')
   size = FLAGS.devices_population
-  rows = [_measure_train(size, strategy, conv_impl, n, split, peak)
+  splits = _splits(size)
+  ex = bench_lib.parse_config(FLAGS.devices_config)
+  spec = f'{ex.strategy}/{ex.conv_impl}/{{}}/{ex.step}'
+  rows = [_measure_train(size, spec.format(n), splits, peak)
           for n in map(int, FLAGS.device_counts)
           if n <= len(jax.local_devices()) and size % n == 0]
   _table(f'same population ({size}) over more devices', _TRAIN_COLS, rows)
@@ -224,10 +264,10 @@ def align_suite(peak):
         flops = 2 * h * w * c * g * big_g * (1 if first else c)  # Eq. 7 or Eq. 5 per model.
         chunk = min(FLAGS.align_chunk, m)
         fwd = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk, impl=impl)
-        t_fwd = _time(fwd, kernels, phi, repeats=2)
+        t_fwd = bench_lib.best_time(fwd, kernels, phi, repeats=2)
         grad = jax.jit(jax.grad(lambda p, k: jnp.sum(jax.vmap(
             lambda t: align.align_layer(t, p, first, impl=impl))(k))))
-        t_grad = _time(grad, phi, kernels[:chunk], repeats=2) * (m / chunk)
+        t_grad = bench_lib.best_time(grad, phi, kernels[:chunk], repeats=2) * (m / chunk)
         compiled = jax.jit(jax.vmap(lambda t, p: align.align_layer(t, p, first, impl=impl),
                                     (0, None))).lower(kernels[:chunk], phi).compile()
         mem = compiled.memory_analysis()
@@ -270,7 +310,8 @@ def chunks_suite():
              '  hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]\n'
              '  sys.stderr.write("VMHWM_KB=" + hwm.split()[1] + "\\n")\n')
     cmd = [sys.executable, '-c', child, '--dataset=npz',
-           f'--num_tasks={pop}', '--runs_per_task=1', '--epochs=1', '--batch_size=32',
+           f'--data_dir={FLAGS.data_dir}',
+           f'--num_tasks={pop}', '--runs_per_task=1', '--epochs=1', '--batch_size=50',
            f'--models_per_chunk={FLAGS.chunk_size}', '--checkpoint_every=1', '--noprogress',
            f'--workdir={workdir}', '--num_cpu_devices=2',
            f'--num_devices={2 if jax.default_backend() == "cpu" else 1}']
@@ -298,7 +339,7 @@ def main(argv):
   del argv
   import jax
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
-  unknown = set(FLAGS.suites) - {'matmul', 'train', 'devices', 'align', 'chunks'}
+  unknown = set(FLAGS.suites) - set(SUITES)
   if unknown:
     sys.exit(f'error: unknown suites {sorted(unknown)}.')
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
@@ -312,7 +353,8 @@ def main(argv):
   results['matmul'] = matmul_suite()
   peak = results['matmul']['gflops']
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
-            ('align', lambda: align_suite(peak)), ('chunks', chunks_suite)]
+            ('torch', lambda: torch_suite(peak)), ('align', lambda: align_suite(peak)),
+            ('chunks', chunks_suite)]
   for name, run in suites:
     if name in FLAGS.suites:
       results[name] = run()

@@ -44,8 +44,10 @@ flags.DEFINE_bool('feature_norm', False, 'Not in the paper: standardise each bra
                   'features per model before its FC (helps deep branches; see RESULTS.md).')
 flags.DEFINE_integer('test_tasks', 10, 'Held-out tasks (retrieval and transfer modes).')
 flags.DEFINE_enum('dataset', 'npz', ['npz', 'tfds'],
-                  'Images clustered in transfer mode (target tasks): the local npz or tfds test.')
-flags.DEFINE_string('npz_path', None, 'Local .npz with image/label (default: vendored test split).')
+                  'Images clustered in transfer mode (the target tasks\' test-split images): '
+                  'test.npz of the offline folder (--data_dir), or tfds.')
+flags.DEFINE_string('data_dir', None, 'Offline data folder (train_*.npz + test.npz); default '
+                    '$LPS_DATA_DIR.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir.')
 flags.DEFINE_integer('num_permutations', 10000, 'Permutation-test draws (transfer mode).')
 flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.md and plots.')
@@ -57,7 +59,7 @@ FLAGS = flags.FLAGS
 # Flags that determine the results (a results folder holds one configuration of them).
 CONFIG_FLAGS = ('mode', 'modelset', 'methods', 'split_seeds', 'layer_weights', 'branches',
                 'num_filters', 'epochs', 'batch_size', 'learning_rate', 'lr_boundaries',
-                'momentum', 'seed', 'test_tasks', 'dataset', 'npz_path', 'num_permutations',
+                'momentum', 'seed', 'test_tasks', 'dataset', 'num_permutations',
                 'feature_norm')
 
 PAPER = {
@@ -294,8 +296,8 @@ def main(argv):
             summary.setdefault(variant, {}).setdefault(str(layer + 1), []).append(
                 dict(acc, split_seed=seed))
     else:
-      split = (data.load_npz(FLAGS.npz_path or data.DEFAULT_NPZ) if FLAGS.dataset == 'npz'
-               else data.load_tfds('test', FLAGS.tfds_data_dir))
+      split = (data.load_npz_dir(FLAGS.data_dir or data.default_data_dir(), train=False)[1]
+               if FLAGS.dataset == 'npz' else data.load_tfds('test', FLAGS.tfds_data_dir))
       model_config = resnet.ResNetConfig.from_dict(ms.config['model'])
       feat_bar = tqdm(total=len(seeds) * FLAGS.test_tasks, desc='transfer: source tasks',
                       file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 30.0)

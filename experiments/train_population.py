@@ -1,10 +1,12 @@
 """Trains a population of first-order ResNets (default: ModelSet500, Sec. 5) with resume.
 
-  python -m experiments.train_population --flagfile=experiments/flags/modelset_test.flags
+  python -m experiments.train_population --flagfile=experiments/flags/modelset_cpu.flags
   python -m experiments.train_population --flagfile=experiments/flags/modelset500.flags
 
-Re-running the same command resumes from the latest complete checkpoint in --workdir. The
-finished model set is written to <workdir>/modelset (load it with lps_jax.modelset.load).
+Re-running the same command resumes from the latest complete checkpoint in --workdir (finished
+chunks are never retrained). The model set is written to <workdir>/modelset
+(`lps_jax.modelset.load`). The recipe / population / execution flags come from the config
+dataclasses in `lps_jax.train_config` (defaults = the paper's).
 """
 import json
 import logging as py_logging
@@ -14,34 +16,22 @@ import time
 
 from absl import app, flags, logging
 
-flags.DEFINE_enum('dataset', 'tfds', ['tfds', 'npz'],
-                  'tfds: CIFAR-100 via tensorflow-datasets (train split for training, test '
-                  'split held out). npz: a local file (--npz_path), split 80/20 per class.')
-flags.DEFINE_string('npz_path', None, 'Local .npz with image/label (default: vendored test split).')
-flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir.')
+from experiments import flagdefs
+from lps_jax import data as data_lib
+from lps_jax import resnet, train_config
+
+flagdefs.define(train_config.TrainConfig)
+flagdefs.define(train_config.PopulationConfig, skip=('task_ids',))
+flagdefs.define(resnet.ResNetConfig, skip=('num_classes',))
+flagdefs.define(train_config.ExecutionConfig)
 flags.DEFINE_integer('num_tasks', 50, 'Tasks 0..num_tasks-1 (task r = fine labels 2r, 2r+1).')
-flags.DEFINE_list('task_ids', None, 'Explicit task ids (overrides --num_tasks).')
-flags.DEFINE_integer('runs_per_task', 10, 'Independent runs (models) per task.')
-flags.DEFINE_integer('seed', 0, 'Base seed of every model key.')
-flags.DEFINE_integer('split_seed', 0, 'Seed of the per-task train / held-out split.')
-flags.DEFINE_float('holdout_fraction', 0.2, 'Held-out fraction per class (npz dataset).')
-flags.DEFINE_integer('epochs', 160, 'Training epochs.')
-flags.DEFINE_integer('batch_size', 128, 'Images per model per step.')
-flags.DEFINE_float('learning_rate', 0.1, 'Initial learning rate.')
-flags.DEFINE_list('lr_boundaries', ['80', '120'], 'Epochs after which lr is divided by 10.')
-flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
-flags.DEFINE_float('weight_decay', 1e-4, 'Weight decay.')
-flags.DEFINE_list('blocks_per_stage', ['3', '3', '3'], 'Basic blocks per stage (ResNet-20).')
-flags.DEFINE_list('widths', ['16', '32', '64'], 'Channels per stage.')
-flags.DEFINE_enum('strategy', 'auto', ['auto', 'loop', 'vmap', 'unroll'],
-                  'How the population runs (auto = fastest measured for the backend).')
-flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'im2col', 'lax_bf16'],
-                  'Conv formulation (lax_bf16: bfloat16 inputs, float32 accumulation).')
-flags.DEFINE_integer('models_per_chunk', 10, 'Models trained together; bounds memory.')
-flags.DEFINE_integer('num_devices', 0, 'Devices to shard the population over (0 = all).')
+flags.DEFINE_list('task_ids', None, 'Explicit task ids (overrides --num_tasks), e.g. a range '
+                  'of tasks for one machine of several: models are independent.')
+flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
+                    f'Offline data folder (train_*.npz + test.npz) for --dataset=npz; default '
+                    f'${data_lib.DATA_DIR_ENV}.')
+flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir (--dataset=tfds).')
 flags.DEFINE_integer('num_cpu_devices', 2, 'Simulated host devices when running on CPU.')
-flags.DEFINE_integer('checkpoint_every', 10, 'Checkpoint the chunk in progress every N epochs.')
-flags.DEFINE_integer('eval_every', 10, 'Held-out evaluation for the progress bar every N epochs.')
 flags.DEFINE_string('workdir', 'runs/modelset500', 'Checkpoints and the final model set.')
 flags.DEFINE_string('export_kernels', None,
                     'If set, also write the first-layer kernels + metadata to this .npz.')
@@ -59,28 +49,13 @@ flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for the other 
 FLAGS = flags.FLAGS
 
 
-def build_config():
-  from lps_jax import population, resnet
+def build_config() -> train_config.PopulationConfig:
   task_ids = (tuple(int(t) for t in FLAGS.task_ids) if FLAGS.task_ids
               else tuple(range(FLAGS.num_tasks)))
-  return population.PopulationConfig(
-      task_ids=task_ids, runs_per_task=FLAGS.runs_per_task, seed=FLAGS.seed,
-      split_seed=FLAGS.split_seed, holdout_fraction=FLAGS.holdout_fraction,
-      dataset=FLAGS.dataset,
-      model=resnet.ResNetConfig(tuple(map(int, FLAGS.blocks_per_stage)),
-                                tuple(map(int, FLAGS.widths))),
-      train=population.TrainConfig(
-          epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-          lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries), momentum=FLAGS.momentum,
-          weight_decay=FLAGS.weight_decay))
-
-
-def load_data():
-  from lps_jax import data
-  if FLAGS.dataset == 'npz':
-    return data.load_npz(FLAGS.npz_path or data.DEFAULT_NPZ), None
-  return (data.load_tfds('train', FLAGS.tfds_data_dir),
-          data.load_tfds('test', FLAGS.tfds_data_dir))
+  return flagdefs.build(
+      train_config.PopulationConfig, FLAGS, skip=('task_ids',), task_ids=task_ids,
+      model=flagdefs.build(resnet.ResNetConfig, FLAGS, skip=('num_classes',)),
+      train=flagdefs.build(train_config.TrainConfig, FLAGS))
 
 
 class _DropOrbaxInfo(py_logging.Filter):
@@ -90,12 +65,32 @@ class _DropOrbaxInfo(py_logging.Filter):
     return 'orbax' not in record.pathname or record.levelno >= 30
 
 
+def _write_outputs(result, wall, ex):
+  import jax
+  from lps_jax import modelset
+  with open(os.path.join(FLAGS.workdir, 'timing.json'), 'a') as f:
+    f.write(json.dumps({'wall_seconds': wall, 'backend': jax.default_backend(),
+                        'strategy': ex.strategy, 'conv_impl': ex.conv_impl, 'step': ex.step,
+                        'devices': ex.num_devices, 'argv': sys.argv[1:]}) + '\n')
+  if FLAGS.export_kernels:
+    modelset.export_kernels(FLAGS.export_kernels, result)
+    logging.info('first-layer kernels written to %s', FLAGS.export_kernels)
+  if FLAGS.summary:
+    with open(FLAGS.summary, 'w') as f:
+      f.write(modelset.markdown_summary(
+          result, wall_seconds=wall,
+          machine=f'{jax.default_backend()} ({jax.devices()[0].device_kind}, '
+                  f'{os.cpu_count()} CPU cores)',
+          command='python -m experiments.train_population ' + ' '.join(sys.argv[1:])))
+    logging.info('summary written to %s', FLAGS.summary)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   import jax
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
-  from lps_jax import data, distributed, modelset, population
+  from lps_jax import distributed, modelset, trainer, workdir
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            auto=FLAGS.distributed == 'auto', timeout_s=FLAGS.distributed_timeout)
@@ -106,50 +101,37 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     config = build_config()
-    train_split, eval_split = load_data()
-    execution = population.ExecutionConfig(FLAGS.strategy, FLAGS.conv_impl,
-                                           FLAGS.models_per_chunk, FLAGS.num_devices)
-    trainer = population.PopulationTrainer(config, execution, train_split, eval_split,
-                                           FLAGS.checkpoint_every, FLAGS.eval_every)
-  except (data.DataError, ValueError) as e:
+    train_split, eval_split = data_lib.load(config.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir,
+                                            classes=data_lib.task_classes(config.task_ids))
+    execution = flagdefs.build(train_config.ExecutionConfig, FLAGS)
+    pop_trainer = trainer.PopulationTrainer(config, execution, train_split, eval_split)
+  except (data_lib.DataError, ValueError) as e:
     sys.exit(f'error: {e}')
-  ex = trainer.execution
-  logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s devices=%d '
-               'chunk=%d, %d steps/epoch', len(config.models()), len(config.task_ids),
-               config.runs_per_task, jax.default_backend(), ex.strategy, ex.conv_impl,
-               ex.num_devices, trainer.chunk_size, trainer.steps_per_epoch)
+  ex = pop_trainer.execution
+  logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s step=%s '
+               'devices=%d chunk=%d, %d images per task, %d updates per epoch (batches %s), '
+               '%d updates per model', len(config.models()), len(config.task_ids),
+               config.runs_per_task, jax.default_backend(), ex.strategy, ex.conv_impl, ex.step,
+               ex.num_devices, pop_trainer.chunk_size, pop_trainer.tasks.train_idx.shape[1],
+               pop_trainer.steps_per_epoch, pop_trainer.batch_sizes[-2:],
+               pop_trainer.steps_per_epoch * config.train.epochs)
   t0 = time.time()
   try:
-    result = trainer.train(FLAGS.workdir, progress=FLAGS.progress and distributed.is_primary(),
-                           stop_after_epochs=FLAGS.stop_after_epochs)
-  except population.TrainingStopped as e:
+    result = pop_trainer.train(FLAGS.workdir,
+                               progress=FLAGS.progress and distributed.is_primary(),
+                               stop_after_epochs=FLAGS.stop_after_epochs)
+  except workdir.TrainingStopped as e:
     logging.info('%s', e)
     return
-  except (population.TrainingError, modelset.ModelSetError) as e:
+  except (workdir.TrainingError, modelset.ModelSetError) as e:
     sys.exit(f'error: {e}')
   if not distributed.is_primary():
     return
   wall = time.time() - t0
   logging.info('done in %.0f s (this invocation): %d models, mean held-out accuracy %.3f; '
                'model set in %s', wall, len(result), float(result.heldout_accuracy.mean()),
-               os.path.join(FLAGS.workdir, 'modelset'))
-  timing_path = os.path.join(FLAGS.workdir, 'timing.json')
-  with open(timing_path, 'a') as f:
-    f.write(json.dumps({'wall_seconds': wall, 'backend': jax.default_backend(),
-                        'strategy': ex.strategy, 'conv_impl': ex.conv_impl,
-                        'devices': ex.num_devices, 'argv': sys.argv[1:]}) + '\n')
-  if FLAGS.export_kernels:
-    modelset.export_kernels(FLAGS.export_kernels, result)
-    logging.info('first-layer kernels written to %s', FLAGS.export_kernels)
-  if FLAGS.summary:
-    with open(FLAGS.summary, 'w') as f:
-      f.write(modelset.markdown_summary(result, wall_seconds=wall,
-                                        machine=f'{jax.default_backend()} '
-                                                f'({jax.devices()[0].device_kind}, '
-                                                f'{os.cpu_count()} CPU cores)',
-                                        command='python -m experiments.train_population '
-                                                + ' '.join(sys.argv[1:])))
-    logging.info('summary written to %s', FLAGS.summary)
+               workdir.modelset_dir(FLAGS.workdir))
+  _write_outputs(result, wall, ex)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ Pure functions, one per equation. Kernels are HWIO: a first-order kernel `theta`
 (h, w, c, g) with c input channels and g filters; the second-order filters `phi` of that layer
 are (h, w, c, G). Every function works under `jax.jit`, `jax.vmap` (e.g. over a leading
 population axis) and `jax.grad` with respect to `phi` (gradients flow through max and sort).
+`align_population` runs them over a stack of models through `lps_jax.popmap` (jax only).
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import Mesh
+
+from lps_jax import popmap
 
 
 def _check_pair(theta, phi):
@@ -196,66 +200,42 @@ def _select_layers(names: list[str], layers) -> list[tuple[int, str]]:
   return out
 
 
-def align_population(kernels: jax.Array, phi: jax.Array, first_layer: bool,
-                     models_per_chunk: int = 64, channel_align: bool = True,
-                     filter_align: bool = True, strategy: str = 'auto',
-                     impl: str = 'auto', mesh: Optional[Mesh] = None) -> jax.Array:
-  """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G).
+def align_population(kernels, phi, first_layer: bool, models_per_chunk: int = 64,
+                     channel_align: bool = True, filter_align: bool = True,
+                     strategy: str = 'auto', impl: str = 'auto',
+                     mesh: Optional[Mesh] = None) -> np.ndarray:
+  """`align_layer` over a stack of kernels (M, h, w, c, g) -> (M, g, G), chunk by chunk.
 
-  strategy 'vmap': chunks of `models_per_chunk` models, vmapped (one compiled program for
-  every chunk). A 64-channel layer's (g, G, c, c) scores are ~105 MB per model at G = 100, so
-  the chunk bounds memory. 'loop': one jitted model at a time. 'auto': the faster measured on
-  the backend (`experiments.benchmark --suites=align`): the loop on CPU for layers >= 2 (2.4x
-  and 3.7x faster than vmap on 16- and 32-channel layers, on par on 64-channel ones, measured
-  with the einsum formulation before 'stream' became the CPU default; not re-measured); vmap
-  elsewhere (8-70x the loop on an H100). `mesh` (1-D, vmap only): each chunk's models are
-  split over its devices (`NamedSharding`), the chunk rounded up to a multiple of its size.
+  Runs through `popmap.Population` (the mechanism the first-order trainer uses): 'loop' = one
+  jitted program per model, 'vmap' = one program per chunk, vmapped and split over `mesh`
+  (chunks rounded up to a multiple of its size); 'auto' = the faster measured on the backend
+  (`experiments.benchmark --suites=align`): loop on CPU for layers >= 2, vmap elsewhere. A
+  chunk of `models_per_chunk` models bounds the memory: a 64-channel layer's (g, G, c, c)
+  scores are ~105 MB per model at G = 100.
   """
+  kernels = np.asarray(kernels)
   if kernels.ndim != 5:
     raise ValueError(f'expected stacked kernels (M, h, w, c, g), got {kernels.shape}.')
   if strategy == 'auto':
     strategy = 'loop' if (jax.default_backend() == 'cpu' and not first_layer) else 'vmap'
-  if strategy == 'loop':
-    return jnp.stack([_align_one(kernels[i], phi, first_layer, channel_align, filter_align, impl)
-                      for i in range(kernels.shape[0])])
-  if strategy != 'vmap':
+  if strategy not in ('loop', 'vmap'):
     raise ValueError(f"unknown strategy {strategy!r}; choose 'auto', 'vmap' or 'loop'.")
+  pop = popmap.Population(strategy, mesh)
+  fn = pop.map(functools.partial(_align_one, first_layer=first_layer,
+                                 channel_align=channel_align, filter_align=filter_align,
+                                 impl=impl), (0, None))
+  shared_phi = pop.place(phi, shared=True) if strategy == 'loop' else jnp.asarray(phi)
   m = kernels.shape[0]
-  size = min(models_per_chunk, m)
-  fn = functools.partial(_align_stack, first_layer=first_layer, channel_align=channel_align,
-                         filter_align=filter_align, impl=impl)
-  if mesh is not None:
-    if len(mesh.axis_names) != 1:
-      raise ValueError(f'align_population shards over a 1-D mesh, got axes {mesh.axis_names}.')
-    size = -(-size // mesh.size) * mesh.size
-    models = NamedSharding(mesh, P(mesh.axis_names[0]))
-    phi = jax.device_put(phi, NamedSharding(mesh, P()))
-    fn = _sharded_align_stack(models, first_layer, channel_align, filter_align, impl)
+  size = pop.padded_size(min(models_per_chunk, m))
   outs = []
   for start in range(0, m, size):
     part = kernels[start:start + size]
     n = part.shape[0]
-    if n < size:  # Pad the last chunk so it reuses the compiled program.
-      part = jnp.concatenate([part, jnp.repeat(part[-1:], size - n, axis=0)])
-    if mesh is not None:
-      part = jax.device_put(part, models)
-    outs.append(fn(part, phi)[:n])
-  return jnp.concatenate(outs)
+    if n < size and strategy != 'loop':  # Pad the last chunk: it reuses the compiled program.
+      part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
+    outs.append(pop.gather(fn(pop.place(part), shared_phi))[:n])
+  return np.concatenate(outs)
 
 
-_align_one = jax.jit(align_layer, static_argnums=(2, 3, 4, 5))
-
-
-@functools.partial(jax.jit, static_argnames=('first_layer', 'channel_align', 'filter_align',
-                                            'impl'))
-def _align_stack(kernels, phi, first_layer, channel_align, filter_align, impl):
-  return jax.vmap(lambda t: align_layer(t, phi, first_layer, channel_align, filter_align,
-                                        impl))(kernels)
-
-
-@functools.lru_cache(maxsize=32)
-def _sharded_align_stack(models: NamedSharding, first_layer, channel_align, filter_align, impl):
-  """`_align_stack` with the model axis sharded in and out (one compile per sharding)."""
-  return jax.jit(functools.partial(_align_stack.__wrapped__, first_layer=first_layer,
-                                   channel_align=channel_align, filter_align=filter_align,
-                                   impl=impl), out_shardings=models)
+def _align_one(theta, phi, *, first_layer, channel_align, filter_align, impl):
+  return align_layer(theta, phi, first_layer, channel_align, filter_align, impl)

@@ -21,9 +21,9 @@ IMAGE_SHAPE = (32, 32, 3)
 # Per-channel statistics of the CIFAR-100 train split on a [0, 1] scale.
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-# The project's vendored copy of the real CIFAR-100 test split (see its README).
-DEFAULT_NPZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           'data', 'cifar100_test', 'test.npz')
+# The one setting that names the offline data folder (train_*.npz + test.npz): the apps' --data_dir
+# default and the tests read it.
+DATA_DIR_ENV = 'LPS_DATA_DIR'
 # Host the tfds cifar100 builder downloads from; probed before tfds would retry for minutes.
 _TFDS_CIFAR_HOST = ('www.cs.toronto.edu', 443)
 
@@ -58,22 +58,112 @@ def validate_split(images, labels, origin: str) -> Split:
   return Split(images=images, labels=labels.astype(np.int32))
 
 
-def load_npz(path: str = DEFAULT_NPZ) -> Split:
-  """Loads a local `.npz` with `image` (N,32,32,3) uint8 and `label` (N,) arrays."""
+def default_data_dir() -> Optional[str]:
+  """The offline data folder named by $LPS_DATA_DIR, or None."""
+  return os.environ.get(DATA_DIR_ENV) or None
+
+
+def _keep(split: Split, classes: Optional[Sequence[int]]) -> Split:
+  if classes is None:
+    return split
+  rows = np.flatnonzero(np.isin(split.labels, np.asarray(list(classes))))
+  return Split(split.images[rows], split.labels[rows])
+
+
+def load_npz(path: str, classes: Optional[Sequence[int]] = None) -> Split:
+  """One `.npz` file with `image` (N,32,32,3) uint8 and `label` (N,) fine-label arrays.
+
+  `classes`: keep only images of these fine labels (less memory when few tasks train).
+  """
   if not os.path.isfile(path):
-    raise DataError(f'npz file not found: {path!r}; pass --npz_path pointing at a file with '
-                    f'"image" and "label" arrays (the project ships {DEFAULT_NPZ}).')
+    raise DataError(f'{path}: file not found; expected an .npz with "image" (N,32,32,3) uint8 '
+                    'and "label" (N,) fine labels.')
   try:
     with np.load(path) as f:
       missing = {'image', 'label'} - set(f.files)
       if missing:
         raise DataError(f'{path}: missing arrays {sorted(missing)}; the file must hold "image" '
                         '(N,32,32,3) uint8 and "label" (N,) fine labels.')
-      return validate_split(f['image'], f['label'], path)
-  except (OSError, ValueError) as e:
-    if isinstance(e, DataError):
-      raise
-    raise DataError(f'{path}: not a readable .npz file ({e}).') from e
+      return _keep(validate_split(f['image'], f['label'], path), classes)
+  except DataError:
+    raise
+  except Exception as e:  # zipfile.BadZipFile, OSError, ValueError, EOFError: damaged files.
+    raise DataError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}); copy it '
+                    'again.') from e
+
+
+def _train_shards(data_dir: str) -> list[str]:
+  names = [n for n in os.listdir(data_dir) if n.startswith('train_') and n.endswith('.npz')]
+  index = lambda n: n[len('train_'):-len('.npz')]
+  bad = [n for n in names if not index(n).isdigit()]
+  if bad:
+    raise DataError(f'{data_dir}: unexpected files {bad}; train shards are named '
+                    'train_0.npz, train_1.npz, ...')
+  return [os.path.join(data_dir, n) for n in sorted(names, key=lambda n: int(index(n)))]
+
+
+def load_npz_dir(data_dir: Optional[str], classes: Optional[Sequence[int]] = None,
+                 train: bool = True) -> tuple[Optional[Split], Split]:
+  """(train split, test split) from a folder in the offline format.
+
+  The folder holds `train_0.npz` ... (the train split, in shards) and `test.npz`, each with
+  "image" (N,32,32,3) uint8 and "label" (N,) fine labels, as `../shared/data/cifar100`.
+  `train=False` reads only test.npz (train split None). `classes` keeps only those fine labels.
+  """
+  if not data_dir:
+    raise DataError(f'no offline data folder given: pass --data_dir or set ${DATA_DIR_ENV} to a '
+                    'folder with train_*.npz and test.npz (here: ../shared/data/cifar100), or use '
+                    '--dataset=tfds on a machine with a network.')
+  if not os.path.isdir(data_dir):
+    raise DataError(f'{data_dir}: data folder not found; expected a folder with train_*.npz and '
+                    f'test.npz (--data_dir or ${DATA_DIR_ENV}).')
+  test = load_npz(os.path.join(data_dir, 'test.npz'), classes)
+  if not train:
+    return None, test
+  shards = _train_shards(data_dir)
+  if not shards:
+    raise DataError(f'{data_dir}: no train shards; expected train_0.npz, train_1.npz, ... '
+                    '(the CIFAR-100 train split) beside test.npz.')
+  parts = [load_npz(p, classes) for p in shards]
+  return (Split(np.concatenate([p.images for p in parts]),
+                np.concatenate([p.labels for p in parts])), test)
+
+
+def load(dataset: str, data_dir: Optional[str] = None, tfds_data_dir: Optional[str] = None,
+         classes: Optional[Sequence[int]] = None) -> tuple[Split, Optional[Split]]:
+  """(train split, held-out split or None) of a `PopulationConfig.dataset`.
+
+  tfds / npz: CIFAR-100 train split to train on, test split held out. npz_test_only: the test
+  split alone (held-out None: tasks cut their own 80/20 split of it).
+  """
+  if dataset == 'npz':
+    train, test = load_npz_dir(data_dir, classes)
+    origins = (os.path.join(data_dir, 'train_*.npz'), os.path.join(data_dir, 'test.npz'))
+  elif dataset == 'npz_test_only':
+    train, test = load_npz_dir(data_dir, classes, train=False)[1], None
+    origins = (os.path.join(data_dir, 'test.npz'), None)
+  elif dataset == 'tfds':
+    train = _keep(load_tfds('train', tfds_data_dir), classes)
+    test = _keep(load_tfds('test', tfds_data_dir), classes)
+    origins = ('tfds cifar100[train]', 'tfds cifar100[test]')
+  else:
+    raise DataError(f"unknown dataset {dataset!r}; choose 'tfds', 'npz' or 'npz_test_only'.")
+  for split, origin in zip((train, test), origins):
+    absent = sorted(set(classes or ()) - set(np.unique(split.labels).tolist())) if split else []
+    if absent:
+      raise DataError(f'{origin}: no images of fine labels {absent[:10]}, which the requested '
+                      'tasks need (task r = fine labels 2r, 2r+1); use the full CIFAR-100 '
+                      'split or fewer tasks.')
+  return train, test
+
+
+def task_classes(task_ids: Sequence[int]) -> list[int]:
+  """The fine labels tasks use: 2r and 2r + 1 for each task r."""
+  task_ids = [int(r) for r in task_ids]
+  if task_ids and (min(task_ids) < 0 or max(task_ids) >= NUM_CLASSES // 2):
+    raise DataError(f'task ids must be in [0, {NUM_CLASSES // 2}) (task r = fine labels 2r, '
+                    f'2r+1), got {min(task_ids)}..{max(task_ids)}; lower --num_tasks.')
+  return sorted({c for r in task_ids for c in (2 * r, 2 * r + 1)})
 
 
 def _network_reachable(host_port, timeout: float) -> bool:
@@ -96,14 +186,15 @@ def load_tfds(split: str, data_dir: Optional[str] = None, download: bool = True,
   if not builder.is_prepared():
     if not download:
       raise DataError(f'tfds cifar100 is not prepared in {builder.data_dir!r} and download is '
-                      'off; use --dataset=npz (offline copy: --npz_path) or allow the download.')
+                      'off; use --dataset=npz with an offline folder (--data_dir) or allow the '
+                      'download.')
     if not _network_reachable(_TFDS_CIFAR_HOST, probe_timeout):
       raise DataError(
           'tfds cifar100 is not prepared under '
           f'{os.path.dirname(os.path.dirname(builder.data_dir))!r} and there is no network to '
-          f'download it; run offline with --dataset=npz --npz_path={DEFAULT_NPZ} (the '
-          'CIFAR-100 test split), or prepare tfds data on a connected machine and pass '
-          '--tfds_data_dir.')
+          'download it; run offline with --dataset=npz --data_dir=FOLDER (train_*.npz + '
+          f'test.npz; or set ${DATA_DIR_ENV}), or prepare tfds data on a connected machine and '
+          'pass --tfds_data_dir.')
     if importlib.util.find_spec('tensorflow') is None:
       raise DataError('preparing tfds cifar100 (one-time download + encode) needs TensorFlow: '
                       'pip install tensorflow-cpu, then rerun (reading a prepared copy does not '

@@ -31,9 +31,11 @@ def tuples_from_json(d: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
   """Architecture. Defaults are ResNet-20: 3 stages x 3 blocks, widths 16/32/64."""
-  blocks_per_stage: Tuple[int, ...] = (3, 3, 3)
-  widths: Tuple[int, ...] = (16, 32, 64)
-  num_classes: int = 2
+  blocks_per_stage: Tuple[int, ...] = dataclasses.field(
+      default=(3, 3, 3), metadata={'help': 'Basic blocks per stage (ResNet-20: 3,3,3).'})
+  widths: Tuple[int, ...] = dataclasses.field(
+      default=(16, 32, 64), metadata={'help': 'Channels per stage (ResNet-20: 16,32,64).'})
+  num_classes: int = dataclasses.field(default=2, metadata={'help': 'Output classes.'})
 
   @staticmethod
   def from_dict(d: dict) -> 'ResNetConfig':
@@ -110,7 +112,7 @@ class Conv(nn.Module):
       x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     return jax.lax.conv_general_dilated(
         x, kernel, (self.strides, self.strides), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), preferred_element_type=jnp.float32)
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), preferred_element_type=jnp.float32 if self.impl == 'lax_bf16' else None)
 
 
 class BasicBlock(nn.Module):

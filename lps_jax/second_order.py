@@ -11,7 +11,6 @@ flattens, and projects with one Dense to the tasks. Branches with w_l = 0 are no
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lps_jax import align
+from lps_jax import align, popmap
 
 # Feature extractors: the method and the paper's baselines (Sec. 5.1).
 METHODS = {
@@ -140,27 +139,35 @@ class SecondOrderModel:
                               config.feature_norm)
     self.num_classes = num_classes
     self.params = params
+    self._mapped = {}
 
   def _select(self, kernels):
     return [jnp.asarray(kernels[i], jnp.float32) for i in self.layers]
+
+  def _select_host(self, kernels):
+    return [kernels[i] for i in self.layers]
 
   def init(self, kernels) -> None:
     example = [k[0] for k in self._select(kernels)]
     self.params = self.net.init(jax.random.PRNGKey(self.config.seed), example)['params']
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def _logits(self, params, kernels):
-    return jax.vmap(lambda ks: self.net.apply({'params': params}, ks))(kernels)
+  def _map(self, head):
+    """`head(branch logits)` of every model, mapped over the stack by `popmap` (one program)."""
+    if head not in self._mapped:
+      pop = popmap.Population('vmap')
+      fn = pop.map(lambda ks, params: head(self.net.apply({'params': params}, ks), self.weights),
+                   (0, None))
+      self._mapped[head] = lambda ks: pop.gather(fn(pop.place(ks), self.params))
+    return self._mapped[head]
 
   def predict(self, kernels) -> np.ndarray:
     """Task probabilities (M, num_classes) of Eq. 9's mixture."""
-    logits = self._logits(self.params, self._select(kernels))
-    return np.asarray(jax.vmap(lambda *z: mixture_probs(z, self.weights))(*logits))
+    return self._map(mixture_probs)([np.asarray(k, np.float32) for k in
+                                     self._select_host(kernels)])
 
   def embed(self, kernels) -> np.ndarray:
     """L2-normalised parameter representations (M, D); cosine = dot product."""
-    logits = self._logits(self.params, self._select(kernels))
-    return np.asarray(jax.vmap(lambda *z: embedding(z, self.weights))(*logits))
+    return self._map(embedding)([np.asarray(k, np.float32) for k in self._select_host(kernels)])
 
   def fit(self, kernels, labels, progress=None) -> list[float]:
     """Trains with SGD + momentum, step lr schedule, Eq. 9; returns the mean loss per epoch.

@@ -13,17 +13,17 @@ def _run(*args):
                         timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
-def test_train_population_missing_npz(tmp_path):
-  r = _run('experiments.train_population', '--dataset=npz', f'--npz_path={tmp_path}/x.npz',
+def test_train_population_missing_data(tmp_path):
+  r = _run('experiments.train_population', '--dataset=npz', f'--data_dir={tmp_path}/x',
            f'--workdir={tmp_path}/wd', '--num_tasks=2', '--runs_per_task=1')
   assert r.returncode != 0
-  assert 'error: npz file not found' in r.stderr and 'Traceback' not in r.stderr
+  assert f'error: {tmp_path}/x: data folder not found' in r.stderr and 'Traceback' not in r.stderr
 
 
-def test_train_population_too_many_tasks(tmp_path):
+def test_train_population_too_many_tasks(tmp_path, data_dir):
   r = _run('experiments.train_population', '--dataset=npz', '--num_tasks=60',
            f'--workdir={tmp_path}/wd')
-  assert r.returncode != 0 and 'lower --num_tasks' in r.stderr
+  assert r.returncode != 0 and 'task ids must be in [0, 50)' in r.stderr
 
 
 def test_lps_main_bad_model_sets(tmp_path):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import modelset, population, resnet, results
+from lps_jax import modelset, resnet, results, train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))   # 7 conv layers
@@ -35,8 +35,8 @@ def tiny_set(tmp_path_factory):
       variables.append(v)
   stack = lambda key: jax.tree_util.tree_map(lambda *x: np.stack(x), *[v[key] for v in variables])
   task_id = np.repeat(np.arange(TASKS), RUNS)
-  cfg = population.PopulationConfig(task_ids=tuple(range(TASKS)), runs_per_task=RUNS,
-                                    dataset='npz', model=CONFIG)
+  cfg = train_config.PopulationConfig(task_ids=tuple(range(TASKS)), runs_per_task=RUNS,
+                                      dataset="npz", model=CONFIG)
   modelset.save(path, modelset.ModelSet(stack('params'), stack('batch_stats'), task_id,
                                         np.tile(np.arange(RUNS), TASKS), np.zeros_like(task_id),
                                         np.full(task_id.shape, 0.5), cfg.to_json()))

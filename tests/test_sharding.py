@@ -2,7 +2,7 @@
 
 Each run is `python -m experiments.train_population` in a subprocess, because the number of
 simulated CPU devices (--num_cpu_devices) is fixed when a process starts. Tiny population:
-2 tasks x 4 runs of a 7-conv-layer ResNet, 2 epochs of 5 steps.
+2 tasks x 4 runs of a 7-conv-layer ResNet, 2 epochs of 4 steps on the real train split.
 """
 import os
 import shutil
@@ -19,7 +19,7 @@ from lps_jax import modelset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset=npz', '--num_tasks=2', '--runs_per_task=4', '--widths=4,8,8',
-        '--blocks_per_stage=1,1,1', '--epochs=2', '--batch_size=32', '--lr_boundaries=1',
+        '--blocks_per_stage=1,1,1', '--epochs=2', '--batch_size=250', '--lr_boundaries=1',
         '--models_per_chunk=8', '--checkpoint_every=1', '--eval_every=1', '--noprogress']
 
 
@@ -49,11 +49,11 @@ def _assert_same(a, b, atol=1e-6):
 
 
 @pytest.fixture(scope='module')
-def eight_devices(tmp_path_factory):
-  """The reference: 8 simulated devices, the CPU default strategy (unroll)."""
+def eight_devices(tmp_path_factory, data_dir):
+  """The reference: 8 simulated devices, the CPU default (loop over devices, split step)."""
   wd = str(tmp_path_factory.mktemp('d8') / 'wd')
   r = _ok(_train(wd, '--num_cpu_devices=8'))
-  assert 'devices=8' in r.stderr and 'strategy=unroll' in r.stderr
+  assert 'devices=8' in r.stderr and 'strategy=loop' in r.stderr and 'step=split' in r.stderr
   return wd
 
 
@@ -85,7 +85,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_on_localhost_equal_one_process(tmp_path):
+def test_two_processes_on_localhost_equal_one_process(tmp_path, data_dir):
   single = str(tmp_path / 'single')
   _ok(_train(single, '--num_cpu_devices=4', '--strategy=vmap'))
   wd = str(tmp_path / 'multi')
@@ -103,7 +103,7 @@ def test_two_processes_on_localhost_equal_one_process(tmp_path):
   _assert_same(_params(single), _params(wd))
 
 
-def test_bad_distributed_and_mesh_setups(tmp_path):
+def test_bad_distributed_and_mesh_setups(tmp_path, data_dir):
   t0 = time.monotonic()
   r = _train(str(tmp_path / 'x'), f'--coordinator_address=127.0.0.1:{_free_port()}',
              '--num_processes=2', '--process_id=1', '--distributed_timeout=3', timeout=60)

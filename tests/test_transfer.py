@@ -1,3 +1,5 @@
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -34,11 +36,11 @@ def test_correlation_permutation_test():
   assert null['spearman_p'] > 0.01 and 0 < null['pearson_p'] <= 1
 
 
-def test_extract_features_shapes_and_model_dependence():
+def test_extract_features_shapes_and_model_dependence(data_dir):
   cfg = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
   vs = [resnet.init_variables(jax.random.PRNGKey(i), cfg) for i in range(2)]
   stack = lambda key: jax.tree_util.tree_map(lambda *x: np.stack(x), *[v[key] for v in vs])
-  images = data.load_npz().images[:7]
+  images = data.load_npz(os.path.join(data_dir, 'test.npz')).images[:7]
   f = transfer.extract_features(stack('params'), stack('batch_stats'), images, cfg, batch_size=4)
   assert f.shape == (2, 7, 8) and np.all(np.isfinite(f))
   assert not np.allclose(f[0], f[1])

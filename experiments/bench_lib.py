@@ -1,0 +1,167 @@
+"""Measurements behind `experiments.benchmark` (one function per figure; no flags here)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lps_jax import data, trainer, train_config, train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def best_time(fn, *args, repeats=3) -> float:
+  """Best wall time of `fn(*args)` over `repeats` calls after one compile + warm-up call."""
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def matmul_gflops(n: int) -> dict:
+  """The yardstick: a plain n x n float32 matmul."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  t = best_time(jax.jit(jnp.dot), a, b, repeats=5)
+  return {'n': n, 'seconds': t, 'gflops': 2 * n**3 / t / 1e9, 'backend': jax.default_backend()}
+
+
+def parse_config(spec: str) -> train_config.ExecutionConfig:
+  """'default' (what the trainer runs by default here) or 'strategy/conv/devices[/step]'."""
+  if spec == 'default':
+    return train_config.ExecutionConfig().resolve()
+  parts = spec.split('/')
+  if len(parts) not in (3, 4):
+    raise ValueError(f'config {spec!r}: use default or strategy/conv/devices[/step].')
+  step = parts[3] if len(parts) == 4 else 'auto'
+  return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2])).resolve()
+
+
+def make_trainer(size: int, ex: train_config.ExecutionConfig, batch_size: int,
+                 splits) -> trainer.PopulationTrainer:
+  """A trainer whose first chunk holds `size` ResNet-20s (tasks 0.., runs as needed)."""
+  tasks = tuple(range(min(size, 50)))
+  cfg = train_config.PopulationConfig(
+      task_ids=tasks, runs_per_task=-(-size // len(tasks)), dataset='npz',
+      train=train_config.TrainConfig(batch_size=batch_size))
+  return trainer.PopulationTrainer(cfg, dataclasses.replace(ex, models_per_chunk=size), *splits)
+
+
+def time_train_steps(tr: trainer.PopulationTrainer, num_steps: int, warmup: int = 1) -> dict:
+  """Wall time of `num_steps` full-batch population steps of the first chunk, after
+  `warmup` steps (compiles); images/s and model-steps/s."""
+  chunk = tr.chunks()[0]
+  _, _, host_keys, (keys, tr_idx, tr_lab, _, _) = tr.chunk_inputs(chunk)
+  state = tr.population.place(tr.initial_state(host_keys))
+  step = tr.step_fn(tr.config.train.batch_size)
+  full_steps = tr.config.train.batch_sizes(tr.tasks.train_idx.shape[1]).count(
+      tr.config.train.batch_size)
+  t_compile = time.perf_counter()
+  for i in range(warmup):
+    state, m = step(state, keys, tr_idx, tr_lab, tr.images, np.int32(0), np.int32(i % full_steps))
+  tr.population.gather(m)
+  t0 = time.perf_counter()
+  for i in range(num_steps):
+    state, m = step(state, keys, tr_idx, tr_lab, tr.images, np.int32(1), np.int32(i % full_steps))
+  tr.population.gather(state), tr.population.gather(m)
+  seconds = time.perf_counter() - t0
+  n = tr.chunk_size * num_steps
+  return {'seconds': seconds, 'warmup_seconds': t0 - t_compile,
+          'images_per_s': n * tr.config.train.batch_size / seconds,
+          'model_steps_per_s': n / seconds}
+
+
+def step_cost(tr: trainer.PopulationTrainer) -> dict:
+  """Useful FLOPs of one model's step (XLA's cost analysis of the plain fused single-model
+  step, the same whatever the strategy) and the largest compiled program's memory per device
+  (arguments + outputs + temporaries)."""
+  chunk = tr.chunks()[0]
+  _, _, host_keys, _ = tr.chunk_inputs(chunk)
+  host_state = tr.initial_state(host_keys)
+  one = lambda x: jnp.asarray(np.asarray(x)[0])
+  b = tr.config.train.batch_size
+  t = tr.tasks
+  single = (jax.tree_util.tree_map(one, host_state), one(host_keys), jnp.asarray(t.train_idx[0]),
+            jnp.asarray(t.train_labels[0]), jnp.asarray(_images(tr)), np.int32(0), np.int32(0))
+  fused = jax.jit(functools.partial(train_step.train_step, model=tr.model, tx=tr.tx,
+                                    batch_size=b, stride=b))
+  cost = fused.lower(*single).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {'flops_per_model_step': float(cost.get('flops', float('nan'))),
+          'step_memory_bytes_per_device': _step_memory(tr, single, host_state)}
+
+
+def _images(tr):
+  images = tr.images
+  if hasattr(images, 'copies'):  # loop layout: one copy per device.
+    images = next(iter(images.copies.values()))
+  return np.asarray(images)
+
+
+def _memory(compiled) -> int | None:
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def _step_memory(tr, single, host_state):
+  """Memory of the compiled step programs on one device (the larger of forward / backward)."""
+  ex, b = tr.execution, tr.config.train.batch_size
+  if ex.strategy == 'loop':
+    args, stacked = single, False
+  else:
+    chunk = tr.chunks()[0]
+    _, _, _, (keys, tr_idx, tr_lab, _, _) = tr.chunk_inputs(chunk)
+    args, stacked = (tr.population.place(host_state), keys, tr_idx, tr_lab, tr.images,
+                     np.int32(0), np.int32(0)), True
+  step = tr.step_fn(b)
+  parts = getattr(step, 'parts', (step,))
+  jitted = [getattr(p, 'jitted', p) for p in parts] if len(parts) == 1 else list(parts)
+  first = jitted[0].lower(*args).compile()
+  sizes = [_memory(first)]
+  if len(jitted) == 2:  # split: the backward takes the forward's outputs.
+    vjp, batch_stats, _ = jitted[0](*args)
+    with warnings.catch_warnings():  # The residuals are donated on purpose (lps_jax.trainer).
+      warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+      sizes.append(_memory(jitted[1].lower(args[0], vjp, batch_stats).compile()))
+  sizes = [s for s in sizes if s is not None]
+  per_device = max(sizes) if sizes else None
+  if stacked and per_device is not None:
+    per_device //= len(tr.population.devices)
+  return per_device
+
+
+def torch_images_per_s(models: int, steps: int, batch_size: int, channels_last: bool,
+                       timeout: int = 900) -> dict:
+  """PyTorch's ResNet-20 step (experiments.torch_reference) in its own process."""
+  cmd = [sys.executable, '-m', 'experiments.torch_reference', f'--models={models}',
+         f'--steps={steps}', f'--batch_size={batch_size}'] + (['--channels_last']
+                                                            if channels_last else [])
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  if r.returncode:
+    raise RuntimeError(f'torch reference failed: {r.stderr[-1000:]}')
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def torch_available() -> bool:
+  import importlib.util
+  return importlib.util.find_spec('torch') is not None
+
+
+def load_splits(data_dir, size: int):
+  """Train / held-out splits with the classes of a population of `size` models."""
+  return data.load('npz', data_dir, classes=data.task_classes(range(min(size, 50))))
