@@ -12,7 +12,7 @@ Suites (figures printed as markdown tables and written to --out as JSON):
            whatever `ExecutionConfig()` resolves to on this backend; else
            strategy/conv/devices[/step]): images/s, model-steps/s, GFLOP/s (useful FLOPs from
            XLA's cost analysis of one model's step), % of the matmul, compiled step memory;
-  devices  the same population on 1, 2, 4, 8 (simulated) devices;
+  devices  the same population on 1, 2, 4, 8 (simulated) devices (--num_cpu_devices=8);
   torch    the default config and PyTorch's per-model loop (plain and channels_last, each run in
            its own process, rounds interleaved) on the same ResNet-20 step, with their ratio;
            needs the optional `torch` package, skipped with a message otherwise;
@@ -32,6 +32,7 @@ from absl import app, flags
 
 from experiments import bench_lib
 from lps_jax import data as data_lib
+from lps_jax import train_config
 
 SUITES = ('matmul', 'train', 'devices', 'torch', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
@@ -58,7 +59,9 @@ flags.DEFINE_list('align_impls', ['auto'], 'Eq. 5 + 6 formulations to compare fo
 flags.DEFINE_list('chunk_populations', ['4', '8', '16'], 'Populations of the chunks suite.')
 flags.DEFINE_integer('chunk_size', 4, 'models_per_chunk of the chunks suite.')
 flags.DEFINE_integer('matmul_size', 0, 'Side of the yardstick matmul (0: 2048 on CPU, 8192 else).')
-flags.DEFINE_integer('num_cpu_devices', 8, 'Simulated host devices when on CPU.')
+flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
+                     'Simulated host devices when on CPU (the trainer\'s default, so `default` '
+                     'measures what it runs; the devices suite needs more, e.g. 8).')
 flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'Offline data folder (train_*.npz + test.npz); default ${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('out', 'benchmark_results.json', 'Where to write the JSON figures.')

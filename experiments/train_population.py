@@ -31,7 +31,8 @@ flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'Offline data folder (train_*.npz + test.npz) for --dataset=npz; default '
                     f'${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir (--dataset=tfds).')
-flags.DEFINE_integer('num_cpu_devices', 2, 'Simulated host devices when running on CPU.')
+flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
+                     'Simulated host devices when running on CPU.')
 flags.DEFINE_string('workdir', 'runs/modelset500', 'Checkpoints and the final model set.')
 flags.DEFINE_string('export_kernels', None,
                     'If set, also write the first-layer kernels + metadata to this .npz.')

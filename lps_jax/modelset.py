@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Sequence
+import zipfile
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -173,30 +174,45 @@ def layer_kernels(model_set: ModelSet, num_layers: int = 1):
   return [np.asarray(resnet.get_kernel(model_set.params, n)) for n in names[:num_layers]], names
 
 
-def load_kernels(path: str, num_layers: int = 1):
-  """Conv kernels + task labels from a model set directory or an `export_kernels` .npz.
+class Kernels(NamedTuple):
+  """What the second-order side reads of a model set. kernels[l] is the (M, h, w, c, g) stack
+  of conv layer l (network order, `resnet.conv_layer_names`), or None where the file does not
+  hold that layer (an exported .npz usually holds only the first)."""
+  kernels: list
+  task_id: np.ndarray
+  names: list
+  run: np.ndarray
 
-  Returns (kernels, task_id, names): kernels[l] is the (M, h, w, c, g) stack of conv layer l
-  (network order, `resnet.conv_layer_names`) for l < num_layers, or None where the
-  file does not hold that layer (an exported .npz usually holds only the first).
-  """
+
+def load_kernels(path: str, num_layers: int = 1) -> Kernels:
+  """Conv kernels of the first `num_layers` layers, task labels, layer names and run numbers
+  from a model set directory or an `export_kernels` .npz."""
   if path.endswith('.npz'):
     if not os.path.isfile(path):
       raise ModelSetError(f'kernel file not found: {path!r}; export one with '
                           'train_population --export_kernels, or pass a model set folder.')
-    with np.load(path) as f:
-      config = json.loads(str(f['config']))
-      names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
-      kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
-                 for n in names[:num_layers]]
-      task_id = np.asarray(f['task_id'])
+    try:
+      with np.load(path) as f:
+        config = json.loads(str(f['config']))
+        names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
+        kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
+                   for n in names[:num_layers]]
+        task_id = np.asarray(f['task_id'])
+        run = np.asarray(f['run'])
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+      raise ModelSetError(f'{path} is not a readable kernels file ({type(e).__name__}: {e}); '
+                          'it may be truncated or not an export_kernels .npz: re-export it '
+                          'with train_population --export_kernels.') from e
+    if kernels[0] is not None and task_id.shape != (kernels[0].shape[0],):
+      raise ModelSetError(f'{path}: task_id has shape {task_id.shape} but the kernels hold '
+                          f'{kernels[0].shape[0]} models; re-export the file.')
   else:
     ms = load(path)
     kernels, names = layer_kernels(ms, num_layers)
-    task_id = ms.task_id
+    task_id, run = ms.task_id, ms.run
   for name, k in zip(names, kernels):
     if k is not None and not np.all(np.isfinite(k)):
       bad = np.flatnonzero(~np.isfinite(k).reshape(k.shape[0], -1).all(axis=1))
       raise ModelSetError(f'{path}: layer {name} has NaN/Inf weights in models {bad[:10]}; '
                           'retrain or drop those models.')
-  return kernels, task_id, names
+  return Kernels(kernels, task_id, names, run)

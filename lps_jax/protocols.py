@@ -15,13 +15,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import flax.serialization
+from lps_jax import methods, metrics, results, transfer
+from lps_jax.second_order_fit import SecondOrderConfig
 
-from lps_jax import metrics, results, second_order, transfer
-
-# Fig. 3c variants for layers >= 2: (label, second_order.METHODS key).
-ALIGNMENT_VARIANTS = (('w/o align', 'none'), ('filt.', 'filter_only'), ('chan.', 'channel_only'),
-                      ('filt. + chan.', 'lps'))
+# Fig. 3c variants for layers >= 2: (label, methods.REGISTRY name).
+ALIGNMENT_VARIANTS = (('w/o align', 'unaligned'), ('filt.', 'filter_only'),
+                      ('chan.', 'channel_only'), ('filt. + chan.', 'lps'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,31 +78,31 @@ def retrieval_split(task_id: np.ndarray, test_tasks: int = 10, query_per_task: i
   return RetrievalSplit(train, np.concatenate(query), np.concatenate(gallery), train_tasks, held)
 
 
-def fit_cached(config: second_order.SecondOrderConfig, num_classes: int, kernels, labels,
-               cache: Optional[results.Cache] = None,
-               progress: Optional[Callable] = None) -> second_order.SecondOrderModel:
-  """A trained `SecondOrderModel`: loaded from `cache` if this exact training ran before.
+def fit(method: methods.Method | str, config: SecondOrderConfig, num_classes: int, kernels,
+        labels, cache: Optional[results.Cache] = None, progress: Optional[Callable] = None):
+  """A fitted model of `method` (a `methods.REGISTRY` name or entry) on `kernels` / `labels`.
 
-  On a hit `progress(config.epochs, None)` is called once, so progress bars stay true.
+  Second-order networks are loaded from `cache` if this exact training ran before (then
+  `progress(epochs, None)` is called once, so progress bars stay true).
   """
-  model = second_order.SecondOrderModel(config, num_classes)
-  key = None
-  if cache is not None:
-    layers = config.active_layers()
-    key = {'kind': 'second_order_params', 'config': dataclasses.asdict(config),
-           'num_classes': num_classes,
-           'data': results.fingerprint(np.asarray(labels), *[np.asarray(kernels[i])
-                                                             for i in layers])}
-    blob = cache.get_bytes(key)
-    if blob is not None:
-      model.init(kernels)
-      model.params = flax.serialization.from_bytes(model.params, blob)
-      if progress is not None:
-        progress(config.epochs, None)
-      return model
+  method = methods.get(method) if isinstance(method, str) else method
+  model = methods.build(method, config, num_classes)
+  if method.kind != 'second_order' or cache is None:
+    model.fit(kernels, labels, progress=progress)
+    return model
+  cfg = model.config
+  key = {'kind': 'second_order_variables', 'config': dataclasses.asdict(cfg),
+         'num_classes': num_classes,
+         'data': results.fingerprint(np.asarray(labels), *[np.asarray(kernels[i])
+                                                           for i in cfg.active_layers()])}
+  blob = cache.get_bytes(key)
+  if blob is not None:
+    model.from_bytes(kernels, blob)
+    if progress is not None:
+      progress(cfg.epochs, None)
+    return model
   model.fit(kernels, labels, progress=progress)
-  if cache is not None:
-    cache.put_bytes(key, flax.serialization.to_bytes(model.params))
+  cache.put_bytes(key, model.to_bytes())
   return model
 
 
@@ -119,7 +118,7 @@ def _check_layers(layers, num_layers: int) -> list[int]:
   return [int(l) for l in layers]
 
 
-def run_branches(kernels, task_id, config: second_order.SecondOrderConfig, layers,
+def run_branches(kernels, task_id, config: SecondOrderConfig, layers,
                  split_seed: int = 0, progress: Optional[Callable] = None,
                  cache: Optional[results.Cache] = None) -> dict:
   """Fig. 3b: one branch at a time (w_l = 1 for l = l', else 0), task classification (LPS).
@@ -133,7 +132,7 @@ def run_branches(kernels, task_id, config: second_order.SecondOrderConfig, layer
                                 split_seed, progress=progress, cache=cache) for l in layers}
 
 
-def run_alignment_ablation(kernels, task_id, config: second_order.SecondOrderConfig, layers,
+def run_alignment_ablation(kernels, task_id, config: SecondOrderConfig, layers,
                            split_seed: int = 0, variants=ALIGNMENT_VARIANTS,
                            progress: Optional[Callable] = None,
                            cache: Optional[results.Cache] = None) -> dict:
@@ -155,7 +154,7 @@ def run_alignment_ablation(kernels, task_id, config: second_order.SecondOrderCon
 
 
 def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_config,
-                 config: second_order.SecondOrderConfig, split_seed: int = 0,
+                 config: SecondOrderConfig, split_seed: int = 0,
                  test_tasks: int = 10, num_permutations: int = 10000,
                  progress: Optional[Callable] = None, feature_progress: Optional[Callable] = None,
                  cache: Optional[results.Cache] = None) -> dict:
@@ -169,9 +168,9 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
   `labels` the data split whose target-task images are clustered.
   """
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
-  model = fit_cached(dataclasses.replace(config, method='lps'), split.train_tasks.size,
-                     _take(kernels, split.train),
-                     _relabel(task_id[split.train], split.train_tasks), cache, progress)
+  model = fit('lps', _seeded(config, split_seed), split.train_tasks.size,
+              _take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              cache, progress)
   rows = np.flatnonzero(np.isin(task_id, split.test_tasks))
   tasks, sim = transfer.task_similarity(model.embed(_take(kernels, rows)), task_id[rows])
   ari = transfer.transferability(params, batch_stats, task_id, images, labels, tasks,
@@ -192,7 +191,12 @@ def _relabel(task_id: np.ndarray, tasks: np.ndarray) -> np.ndarray:
   return np.asarray([lookup[int(t)] for t in task_id], np.int32)
 
 
-def run_classification(kernels, task_id, method: str, config: second_order.SecondOrderConfig,
+def _seeded(config: SecondOrderConfig, split_seed: int) -> SecondOrderConfig:
+  """Every split draws its own phi init and shuffling (and validation models)."""
+  return dataclasses.replace(config, split_seed=split_seed)
+
+
+def run_classification(kernels, task_id, method: str, config: SecondOrderConfig,
                        split_seed: int = 0, ks=(1, 5, 10),
                        progress: Optional[Callable] = None,
                        cache: Optional[results.Cache] = None) -> dict:
@@ -200,29 +204,21 @@ def run_classification(kernels, task_id, method: str, config: second_order.Secon
   split = classification_split(task_id, seed=split_seed)
   tasks = np.unique(task_id)
   y_train, y_test = _relabel(task_id[split.train], tasks), _relabel(task_id[split.test], tasks)
-  if method == 'random':
-    scores = np.random.default_rng(split_seed).random((split.test.size, tasks.size))
-  else:
-    model = fit_cached(dataclasses.replace(config, method=method), tasks.size,
-                       _take(kernels, split.train), y_train, cache, progress)
-    scores = model.predict(_take(kernels, split.test))
-  acc = metrics.topk_accuracy(scores, y_test, ks)
+  model = fit(method, _seeded(config, split_seed), tasks.size, _take(kernels, split.train),
+              y_train, cache, progress)
+  acc = metrics.topk_accuracy(model.predict(_take(kernels, split.test)), y_test, ks)
   return {f'top-{k}': v for k, v in acc.items()}
 
 
-def run_retrieval(kernels, task_id, method: str, config: second_order.SecondOrderConfig,
+def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
                   split_seed: int = 0, test_tasks: int = 10, ks=(1, 5, 10),
                   progress: Optional[Callable] = None,
                   cache: Optional[results.Cache] = None) -> dict:
   """Table 2 for one method and split: CMC rank-k and mAP of query vs gallery models."""
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
-  if method == 'random':
-    rng = np.random.default_rng(split_seed)
-    sim = rng.random((split.query.size, split.gallery.size))
-  else:
-    model = fit_cached(dataclasses.replace(config, method=method), split.train_tasks.size,
-                       _take(kernels, split.train),
-                       _relabel(task_id[split.train], split.train_tasks), cache, progress)
-    sim = metrics.cosine_similarity(model.embed(_take(kernels, split.query)),
-                                    model.embed(_take(kernels, split.gallery)))
+  model = fit(method, _seeded(config, split_seed), split.train_tasks.size,
+              _take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              cache, progress)
+  sim = metrics.cosine_similarity(model.embed(_take(kernels, split.query)),
+                                  model.embed(_take(kernels, split.gallery)))
   return metrics.retrieval_metrics(sim, task_id[split.query], task_id[split.gallery], ks)

@@ -108,6 +108,11 @@ class PopulationConfig:
     return [(t, r) for t in self.task_ids for r in range(self.runs_per_task)]
 
 
+# Simulated host devices of the apps on CPU (jax_num_cpu_devices): one per core of the 2-core
+# machines measured in BENCHMARKS.md; the trainer and the benchmark's `default` share it.
+CPU_DEVICES = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class ExecutionConfig:
   """How to run (does not change what is computed beyond float rounding)."""

@@ -3,11 +3,12 @@ offline CIFAR-100 folder ($LPS_DATA_DIR, README: Data) for the tests that read i
 import os
 
 import jax
+import numpy as np
 import pytest
 
 jax.config.update('jax_num_cpu_devices', 2)
 
-from lps_jax import data  # noqa: E402  (after the device count is set)
+from lps_jax import data, modelset, resnet, train_config  # noqa: E402  (after the device count)
 
 if data.default_data_dir():  # Subprocesses (the apps) inherit an absolute path.
   os.environ[data.DATA_DIR_ENV] = os.path.abspath(data.default_data_dir())
@@ -24,4 +25,35 @@ def data_dir():
     if os.environ.get('LPS_REQUIRE_DATA'):
       pytest.fail(msg)
     pytest.skip(msg)
+  return path
+
+
+TINY_CONFIG = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))   # 7 conv layers
+TINY_TASKS, TINY_RUNS = 6, 4
+
+
+@pytest.fixture(scope='session')
+def tiny_set(tmp_path_factory):
+  """A saved model set of 6 tasks x 4 runs of a 7-conv-layer ResNet whose kernels carry a task
+  signal (a per-task offset): real structure, tiny cost."""
+  path = str(tmp_path_factory.mktemp('tiny') / 'modelset')
+  rng = np.random.default_rng(0)
+  variables = []
+  for t in range(TINY_TASKS):
+    offset = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                                    resnet.init_variables(jax.random.PRNGKey(100 + t),
+                                                          TINY_CONFIG))
+    for r in range(TINY_RUNS):
+      v = resnet.init_variables(jax.random.PRNGKey(t * TINY_RUNS + r), TINY_CONFIG)
+      v['params'] = jax.tree_util.tree_map(lambda a, b: a + 0.5 * b, v['params'],
+                                           offset['params'])
+      variables.append(v)
+  stack = lambda key: jax.tree_util.tree_map(lambda *x: np.stack(x), *[v[key] for v in variables])
+  task_id = np.repeat(np.arange(TINY_TASKS), TINY_RUNS)
+  cfg = train_config.PopulationConfig(task_ids=tuple(range(TINY_TASKS)), runs_per_task=TINY_RUNS,
+                                      dataset='npz', model=TINY_CONFIG)
+  modelset.save(path, modelset.ModelSet(stack('params'), stack('batch_stats'), task_id,
+                                        np.tile(np.arange(TINY_RUNS), TINY_TASKS),
+                                        np.zeros_like(task_id), np.full(task_id.shape, 0.5),
+                                        cfg.to_json()))
   return path

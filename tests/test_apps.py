@@ -29,16 +29,27 @@ def test_train_population_too_many_tasks(tmp_path, data_dir):
 def test_lps_main_bad_model_sets(tmp_path):
   r = _run('experiments.lps_main', f'--modelset={tmp_path}/none.npz')
   assert r.returncode != 0 and 'error: kernel file not found' in r.stderr
-  src = np.load(os.path.join(ROOT, 'results', 'modelset_test_gpu_full', 'first_layer_kernels.npz'))
+  src = np.load(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'))
   arrays = {k: src[k] for k in src.files}
   arrays['kernel/conv1'] = arrays['kernel/conv1'].copy()
   arrays['kernel/conv1'][3, 0, 0, 0, 0] = np.nan
   np.savez(tmp_path / 'nan.npz', **arrays)
   r = _run('experiments.lps_main', f'--modelset={tmp_path}/nan.npz')
   assert r.returncode != 0 and 'NaN/Inf weights in models [3]' in r.stderr
-  r = _run('experiments.lps_main', '--modelset=results/modelset_test_gpu_full/first_layer_kernels.npz',
+  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
            '--layer_weights=0,1')
   assert r.returncode != 0 and "no kernels for ['stage1_block1/conv1']" in r.stderr
+  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
+           '--methods=lps_fusion')
+  assert r.returncode != 0 and "(method 'lps_fusion')" in r.stderr
+  r = _run('experiments.lps_main', '--methods=lps,lsp')
+  assert r.returncode != 0 and "unknown method 'lsp'" in r.stderr
+  blob = open(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'),
+              'rb').read()
+  (tmp_path / 'cut.npz').write_bytes(blob[:len(blob) // 2])   # a truncated download
+  r = _run('experiments.lps_main', f'--modelset={tmp_path}/cut.npz')
+  assert r.returncode != 0 and 'not a readable kernels file' in r.stderr
+  assert 'Traceback' not in r.stderr
 
 
 def test_benchmark_runs_and_writes_json(tmp_path):

@@ -1,7 +1,7 @@
 """lps_main's figure modes (Fig. 3a-c) end to end on a tiny model set, run as a user runs them.
 
-The tiny set: 6 tasks x 4 runs of a 7-conv-layer ResNet whose kernels carry a task signal
-(a per-task offset), so the outputs are real but small. Checks shapes and ranges of every
+The tiny set (conftest.py): 6 tasks x 4 runs of a 7-conv-layer ResNet whose kernels carry a
+task signal, so the outputs are real but small. Checks shapes and ranges of every
 output, the PNGs, reuse of cached work on a rerun, and the clear errors.
 """
 import json
@@ -9,38 +9,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from lps_jax import modelset, resnet, results, train_config
+from lps_jax import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))   # 7 conv layers
-TASKS, RUNS = 6, 4
-
-
-@pytest.fixture(scope='module')
-def tiny_set(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('tiny') / 'modelset')
-  rng = np.random.default_rng(0)
-  variables = []
-  for t in range(TASKS):
-    offset = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32),
-                                    resnet.init_variables(jax.random.PRNGKey(100 + t), CONFIG))
-    for r in range(RUNS):
-      v = resnet.init_variables(jax.random.PRNGKey(t * RUNS + r), CONFIG)
-      v['params'] = jax.tree_util.tree_map(lambda a, b: a + 0.5 * b, v['params'],
-                                           offset['params'])
-      variables.append(v)
-  stack = lambda key: jax.tree_util.tree_map(lambda *x: np.stack(x), *[v[key] for v in variables])
-  task_id = np.repeat(np.arange(TASKS), RUNS)
-  cfg = train_config.PopulationConfig(task_ids=tuple(range(TASKS)), runs_per_task=RUNS,
-                                      dataset="npz", model=CONFIG)
-  modelset.save(path, modelset.ModelSet(stack('params'), stack('batch_stats'), task_id,
-                                        np.tile(np.arange(RUNS), TASKS), np.zeros_like(task_id),
-                                        np.full(task_id.shape, 0.5), cfg.to_json()))
-  return path
 
 
 def _run(*args):
@@ -73,7 +47,7 @@ def test_branches_one_bar_per_branch_and_rerun_reuses_cache(tiny_set, tmp_path):
   for runs in res['results'].values():
     assert len(runs) == 1
     _accuracies_in_range(runs[0])
-  assert res['chance'] == pytest.approx(1 / TASKS)
+  assert res['chance'] == pytest.approx(1 / 6)   # tiny_set (conftest.py): 6 tasks
   assert os.path.getsize(tmp_path / 'b' / 'fig3b_branches.png') > 1000
   cached = sorted(os.listdir(tmp_path / 'cache'))
   assert len([f for f in cached if f.endswith('.bin')]) == 3   # one trained net per branch
@@ -128,7 +102,7 @@ def test_figure_modes_bad_input(tiny_set, tmp_path):
   assert not os.path.exists(tmp_path / 'x')                  # nothing written
   r = _run('--mode=alignment', '--branches=1', *_common(tiny_set, tmp_path, 'x'))
   assert r.returncode != 0 and '2..7' in r.stderr
-  r = _run('--mode=transfer', '--modelset=results/modelset_test/first_layer_kernels.npz')
+  r = _run('--mode=transfer', '--modelset=results/test_split_cpu/modelset/first_layer_kernels.npz')
   assert r.returncode != 0 and 'needs the full model set folder' in r.stderr
   r = _run('--mode=transfer', '--test_tasks=6', *_common(tiny_set, tmp_path, 'x'))
   assert r.returncode != 0 and 'lower --test_tasks' in r.stderr

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from lps_jax import modelset, protocols, second_order
+from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel
 
-KERNELS = os.path.join(os.path.dirname(__file__), '..', 'results', 'modelset_test_gpu_full',
+KERNELS = os.path.join(os.path.dirname(__file__), '..', 'results', 'test_split_gpu', 'modelset',
                        'first_layer_kernels.npz')
 
 
@@ -29,8 +30,8 @@ def test_only_weighted_branches_are_built_and_embedding_is_normalised():
   kernels = [rng.normal(size=(6, 3, 3, 3, 4)).astype(np.float32),
              rng.normal(size=(6, 3, 3, 4, 4)).astype(np.float32),
              rng.normal(size=(6, 3, 3, 4, 8)).astype(np.float32)]
-  cfg = second_order.SecondOrderConfig(layer_weights=(1.0, 0.0, 0.5), num_filters=5, epochs=2)
-  model = second_order.SecondOrderModel(cfg, num_classes=3)
+  cfg = SecondOrderConfig(layer_weights=(1.0, 0.0, 0.5), num_filters=5, epochs=2)
+  model = SecondOrderModel(cfg, num_classes=3)
   kernels[1] = None  # Not needed: w_2 = 0.
   model.fit(kernels, np.array([0, 1, 2, 0, 1, 2]))
   assert set(model.params) == {'branch_0', 'branch_2'}
@@ -41,7 +42,7 @@ def test_only_weighted_branches_are_built_and_embedding_is_normalised():
   probs = model.predict(kernels)
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
   # The fc-only baseline has no phi.
-  fc = second_order.SecondOrderModel(dataclasses.replace(cfg, method='fc_only'), 3)
+  fc = SecondOrderModel(dataclasses.replace(cfg, method='fc_only'), 3)
   fc.fit(kernels, np.array([0, 1, 2, 0, 1, 2]))
   assert 'phi' not in fc.params['branch_0']
 
@@ -50,17 +51,17 @@ def test_feature_norm_makes_a_branch_invariant_to_kernel_scale():
   import jax
   rng = np.random.default_rng(2)
   theta = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
-  for norm in (False, True):
+  for norm in ('none', 'model'):
     branch = second_order.Branch(7, 4, first_layer=False, feature_norm=norm)
     params = branch.init(jax.random.PRNGKey(0), theta)
     a, b = branch.apply(params, theta), branch.apply(params, 3.0 * theta)
     # Eq. 5-8 are positively homogeneous in theta, so only the standardised branch is invariant.
-    assert np.allclose(a, b, rtol=1e-4, atol=1e-4) == norm
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-4) == (norm == 'model')
 
 
 def test_bad_inputs():
-  cfg = second_order.SecondOrderConfig(num_filters=4, epochs=1)
-  model = second_order.SecondOrderModel(cfg, num_classes=2)
+  cfg = SecondOrderConfig(num_filters=4, epochs=1)
+  model = SecondOrderModel(cfg, num_classes=2)
   with pytest.raises(ValueError, match=r'\(M=2, h, w, c, g\)'):
     model.fit([np.zeros((2, 3, 3, 3))], np.array([0, 1]))
   bad = np.zeros((2, 3, 3, 3, 4), np.float32)
@@ -68,7 +69,7 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match='NaN/Inf'):
     model.fit([bad], np.array([0, 1]))
   with pytest.raises(ValueError, match='only 1 kernel stacks'):
-    second_order.SecondOrderModel(second_order.SecondOrderConfig(layer_weights=(0, 1)), 2).fit(
+    SecondOrderModel(SecondOrderConfig(layer_weights=(0, 1)), 2).fit(
         [np.zeros((2, 3, 3, 3, 4))], np.array([0, 1]))
   with pytest.raises(ValueError, match='need more than 2'):
     protocols.classification_split(np.repeat(np.arange(5), 2))
@@ -90,9 +91,9 @@ def test_splits_follow_the_paper():
 
 def test_lps_beats_baselines_on_real_trained_kernels():
   """Real first-layer kernels of 500 trained ResNet-20s (committed); short schedule."""
-  kernels, task_id, names = modelset.load_kernels(KERNELS)
+  kernels, task_id, names, _ = modelset.load_kernels(KERNELS)
   assert names[0] == 'conv1' and kernels[0].shape == (500, 3, 3, 3, 16)
-  cfg = second_order.SecondOrderConfig(num_filters=32, epochs=12, lr_boundaries=(8,),
+  cfg = SecondOrderConfig(num_filters=32, epochs=12, lr_boundaries=(8,),
                                        learning_rate=3e-3)
   lps = protocols.run_classification(kernels, task_id, 'lps', cfg, split_seed=0)
   fc = protocols.run_classification(kernels, task_id, 'fc_only', cfg, split_seed=0)

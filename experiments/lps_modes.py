@@ -1,0 +1,272 @@
+"""The modes of `lps_main`, one per table / figure of Sec. 5: what each needs, how many
+second-order fits it runs, how it runs, and how its results render.
+
+A mode's `run(ctx)` returns its JSON-able summary; `render(res, results_dir)` turns a finished
+run's results.json into markdown (and a PNG for the figures), so --replot needs nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from lps_jax import data, methods, modelset, plots, protocols, resnet
+from lps_jax.second_order_fit import SecondOrderConfig
+
+
+@dataclasses.dataclass
+class Context:
+  """Everything a mode's run needs, validated by `load`."""
+  kernels: list
+  task_id: np.ndarray
+  config: SecondOrderConfig
+  seeds: list[int]
+  methods: list[str]
+  branches: Optional[list[int]] = None     # 1-based (branches / alignment modes)
+  model_set: Optional[modelset.ModelSet] = None
+  test_tasks: int = 10
+  num_permutations: int = 10000
+  images: Optional[Callable[[], Any]] = None   # the test split, loaded on demand (transfer)
+  cache: Any = None
+  progress: Optional[Callable] = None
+  feature_progress: Optional[Callable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  name: str
+  help: str
+  run: Callable[[Context], Any]
+  render: Callable[[dict, Optional[str]], str]
+  folder_reason: Optional[str] = None   # why it needs the full model set folder, if it does
+  first_branch: int = 1                 # lowest branch it accepts (alignment: 2)
+
+  def fits(self, ctx: Context) -> int:
+    """Progress units (second-order epochs) of a whole run."""
+    per_seed = {
+        'classification': lambda: sum(methods.fit_count(methods.get(m), ctx.config)
+                                      for m in ctx.methods),
+        'transfer': lambda: ctx.config.epochs,
+        'branches': lambda: len(ctx.branches) * ctx.config.epochs,
+        'alignment': lambda: len(protocols.ALIGNMENT_VARIANTS) * len(ctx.branches)
+                             * ctx.config.epochs}
+    per_seed['retrieval'] = per_seed['classification']
+    return per_seed[self.name]() * len(ctx.seeds)
+
+
+# -- run
+def _tables(ctx: Context, protocol: Callable, **kw) -> dict:
+  out = {}
+  for name in ctx.methods:
+    for seed in ctx.seeds:
+      r = protocol(ctx.kernels, ctx.task_id, name, ctx.config, seed, progress=ctx.progress,
+                   cache=ctx.cache, **kw)
+      out.setdefault(name, []).append(dict(r, split_seed=seed))
+  return out
+
+
+def run_classification(ctx: Context) -> dict:
+  return _tables(ctx, protocols.run_classification)
+
+
+def run_retrieval(ctx: Context) -> dict:
+  return _tables(ctx, protocols.run_retrieval, test_tasks=ctx.test_tasks)
+
+
+def run_branches(ctx: Context) -> dict:
+  out = {}
+  for seed in ctx.seeds:
+    r = protocols.run_branches(ctx.kernels, ctx.task_id, ctx.config,
+                               [b - 1 for b in ctx.branches], seed, progress=ctx.progress,
+                               cache=ctx.cache)
+    for layer, acc in r.items():
+      out.setdefault(str(layer + 1), []).append(dict(acc, split_seed=seed))
+  return out
+
+
+def run_alignment(ctx: Context) -> dict:
+  out = {}
+  for seed in ctx.seeds:
+    r = protocols.run_alignment_ablation(ctx.kernels, ctx.task_id, ctx.config,
+                                         [b - 1 for b in ctx.branches], seed,
+                                         progress=ctx.progress, cache=ctx.cache)
+    for variant, per in r.items():
+      for layer, acc in per.items():
+        out.setdefault(variant, {}).setdefault(str(layer + 1), []).append(
+            dict(acc, split_seed=seed))
+  return out
+
+
+def run_transfer(ctx: Context) -> list:
+  split = ctx.images()
+  ms = ctx.model_set
+  model_config = resnet.ResNetConfig.from_dict(ms.config['model'])
+  return [dict(protocols.run_transfer(
+      ctx.kernels, ctx.task_id, ms.params, ms.batch_stats, split.images, split.labels,
+      model_config, ctx.config, seed, test_tasks=ctx.test_tasks,
+      num_permutations=ctx.num_permutations, progress=ctx.progress,
+      feature_progress=ctx.feature_progress, cache=ctx.cache), split_seed=seed)
+      for seed in ctx.seeds]
+
+
+# -- render
+PAPER_FIGURES = {
+    'transfer': 'Fig. 3a shows similarity roughly proportional to ARI, with outliers (no numbers).',
+    'branches': 'Fig. 3b: branch 1 79.8 % top-1; branches 2-13 weak but above chance (2 %); '
+                '13-19 near chance.',
+    'alignment': 'Fig. 3c: both alignments matter; filt. + chan. best on branches 2-19.',
+}
+
+
+def _mean_std(values) -> str:
+  v = 100 * np.asarray(values, float)
+  return f'{v.mean():.1f} ± {v.std():.1f}'
+
+
+def _header(title: str, command: str, cols: list[str]) -> list[str]:
+  return [f'## {title}', '', f'Command: `{command}`', '', '| ' + ' | '.join(cols) + ' |',
+          '|' + '---|' * len(cols)]
+
+
+def render_table(res: dict, results_dir: Optional[str]) -> str:
+  """Tables 1-2: mean ± std over split seeds per method, the paper's numbers beside."""
+  mode = res['mode']
+  keys = (['top-1', 'top-5', 'top-10'] if mode == 'classification'
+          else ['rank-1', 'rank-5', 'rank-10', 'mAP'])
+  title = 'Table 1: task classification' if mode == 'classification' else 'Table 2: task retrieval'
+  lines = _header(title, res['command'], ['method'] + [f'{k} (%)' for k in keys]
+                  + ['paper ' + '/'.join(keys[:3])])
+  cites = []
+  for name, runs in res['results'].items():
+    m = methods.REGISTRY.get(name)
+    paper = m.paper.get(mode) if m else None
+    lines.append(f'| {m.label if m else name} | '
+                 + ' | '.join(_mean_std([r[k] for r in runs]) for k in keys) + ' | '
+                 + ('/'.join(f'{p:.1f}' for p in paper) if paper else '-') + ' |')
+    if m and m.cite != 'LPS paper, Sec. 5.1':
+      cites.append(f'`{name}`: {m.cite}')
+  text = '\n'.join(lines) + '\n'
+  return text + ('\nMethods beyond the paper: ' + '; '.join(cites) + '.\n' if cites else '')
+
+
+def render_branches(res: dict, results_dir: Optional[str]) -> str:
+  summary = res['results']
+  lines = _header('Fig. 3b: one branch at a time (task classification, LPS)', res['command'],
+                  ['branch', 'top-1 (%)', 'top-5 (%)', 'top-10 (%)'])
+  for branch, runs in summary.items():
+    lines.append(f'| {branch} | ' + ' | '.join(_mean_std([r[k] for r in runs])
+                                              for k in ('top-1', 'top-5', 'top-10')) + ' |')
+  if results_dir:
+    plots.branch_bars([int(b) for b in summary],
+                      [np.mean([r['top-1'] for r in runs]) for runs in summary.values()],
+                      res['chance'], os.path.join(results_dir, 'fig3b_branches.png'))
+  return '\n'.join(lines) + '\n\n' + PAPER_FIGURES['branches'] + '\n'
+
+
+def render_alignment(res: dict, results_dir: Optional[str]) -> str:
+  summary = res['results']
+  variants = list(summary)
+  branches = list(summary[variants[0]])
+  lines = _header('Fig. 3c: alignment ablation (top-1 %, task classification)', res['command'],
+                  ['branch'] + variants)
+  for b in branches:
+    lines.append(f'| {b} | ' + ' | '.join(_mean_std([r['top-1'] for r in summary[v][b]])
+                                          for v in variants) + ' |')
+  lines.append('| mean | ' + ' | '.join(
+      _mean_std([np.mean([r['top-1'] for r in summary[v][b]]) for b in branches])
+      for v in variants) + ' |')
+  if results_dir:
+    plots.alignment_bars([int(b) for b in branches],
+                         {v: [np.mean([r['top-1'] for r in per[b]]) for b in branches]
+                          for v, per in summary.items()},
+                         res['chance'], os.path.join(results_dir, 'fig3c_alignment.png'))
+  return '\n'.join(lines) + '\n\n' + PAPER_FIGURES['alignment'] + '\n'
+
+
+def render_transfer(res: dict, results_dir: Optional[str]) -> str:
+  summary = res['results']
+  lines = _header('Fig. 3a: task transferability vs parameter similarity', res['command'],
+                  ['split seed', 'pairs', 'Spearman r (p)', 'Pearson r (p)'])
+  for r in summary:
+    c = r['correlation']
+    lines.append(f'| {r["split_seed"]} | {c["n"]} | {c["spearman"]:.3f} ({c["spearman_p"]:.3g}) '
+                 f'| {c["pearson"]:.3f} ({c["pearson_p"]:.3g}) |')
+  first = summary[0]
+  sim, ari = np.asarray(first['similarity']), np.asarray(first['ari'])
+  off = ~np.eye(sim.shape[0], dtype=bool)
+  if results_dir:
+    plots.transfer_scatter(sim[off], ari[off], first['correlation'],
+                           os.path.join(results_dir, 'fig3a_transfer.png'),
+                           title=f'Fig. 3a: {off.sum()} task pairs (split seed '
+                                 f'{first["split_seed"]})')
+  return '\n'.join(lines) + '\n\n' + PAPER_FIGURES['transfer'] + '\n'
+
+
+_FOLDER = 'needs the full model set folder (train_population workdir/modelset), not a kernels .npz'
+MODES = {m.name: m for m in [
+    Mode('classification', 'Table 1: 8 train / 2 test models per task.', run_classification,
+         render_table),
+    Mode('retrieval', 'Table 2: train on 40 tasks; 2 query + 8 gallery per held-out task.',
+         run_retrieval, render_table),
+    Mode('transfer', 'Fig. 3a: parameter similarity vs transferability.', run_transfer,
+         render_transfer, folder_reason='runs the first-order models on images, so it ' + _FOLDER),
+    Mode('branches', 'Fig. 3b: one branch at a time.', run_branches, render_branches,
+         folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER),
+    Mode('alignment', 'Fig. 3c: alignment ablation, branches 2..19.', run_alignment,
+         render_alignment, folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER,
+         first_branch=2),
+]}
+
+
+def render(res: dict, results_dir: Optional[str]) -> str:
+  """results.md of a finished run (and its PNG into `results_dir`, if given)."""
+  text = MODES[res['mode']].render(res, results_dir)
+  return text + (f'\n{res["num_models"]} models, {res["num_tasks"]} tasks from '
+                 f'`{res["modelset"]}`; mean ± std over split seeds {res["split_seeds"]}; '
+                 f'{res["wall_seconds"]:.0f} s wall time (cached work counts as 0).\n')
+
+
+# -- validation and loading, in one place
+def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[str],
+         branches: Optional[list[int]]) -> tuple[list, np.ndarray, Optional[modelset.ModelSet],
+                                                 Optional[list[int]]]:
+  """(kernels, task_id, model set or None, branches or None) for `mode`, or a ValueError
+  (ModelSetError) saying what to pass instead."""
+  chosen = [methods.get(m) for m in method_names] if mode.name in ('classification',
+                                                                   'retrieval') else []
+  if mode.folder_reason is None:
+    num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
+    kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)
+    for m in chosen:
+      missing = [names[i] for i in m.config(config).active_layers() if kernels[i] is None]
+      if missing:
+        raise modelset.ModelSetError(f'{path} has no kernels for {missing} (method {m.name!r}); '
+                                     'pass the full model set folder instead of the exported '
+                                     '.npz.')
+    return kernels, task_id, None, None
+  if path.endswith('.npz'):
+    raise modelset.ModelSetError(f'{mode.name} mode {mode.folder_reason}; got {path}.')
+  ms = modelset.load(path)
+  if mode.name == 'transfer':
+    kernels, _ = modelset.layer_kernels(ms, len(config.layer_weights))
+    return kernels, ms.task_id, ms, None
+  names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(ms.config['model']))
+  branches = branches or list(range(mode.first_branch, len(names) + 1))
+  bad = [b for b in branches if not mode.first_branch <= b <= len(names)]
+  if bad:
+    raise ValueError(f'--branches {bad} out of range: {mode.name} mode takes branches '
+                     f'{mode.first_branch}..{len(names)} of this model set (1-based, one per '
+                     'conv layer).')
+  kernels, _ = modelset.layer_kernels(ms, max(branches))
+  return kernels, ms.task_id, ms, branches
+
+
+def test_split_loader(dataset: str, data_dir: Optional[str], tfds_data_dir: Optional[str]):
+  """The test split (images clustered in transfer mode), loaded when first asked for."""
+  def images():
+    if dataset == 'npz':
+      return data.load_npz_dir(data_dir or data.default_data_dir(), train=False)[1]
+    return data.load_tfds('test', tfds_data_dir)
+  return images

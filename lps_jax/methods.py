@@ -1,0 +1,125 @@
+"""The methods of Tables 1-2, by name: the paper's (Sec. 5.1), LPS variants, and baselines.
+
+A method is small data: what it is (a label and a citation), the paper's numbers where the
+paper has them, and how to build a model with `fit(kernels, labels)`, `predict(kernels)` and
+`embed(kernels)`. LPS variants are `SecondOrderConfig` overrides; probes are fixed features +
+logistic regression (`lps_jax.baselines`). Every method sees the same kernels: the conv layers
+whose w_l > 0 in the run's config (the paper: the first layer only), unless it names its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from lps_jax import baselines
+from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str
+  label: str
+  kind: str                      # 'random' | 'second_order' | 'probe'
+  cite: str = 'LPS paper, Sec. 5.1'
+  overrides: tuple = ()          # (field, value) pairs applied to the SecondOrderConfig
+  features: Optional[str] = None  # probe features (baselines.FEATURES)
+  paper: dict = dataclasses.field(default_factory=dict)  # protocol -> (top/rank-1, 5, 10)
+
+  def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
+    return dataclasses.replace(base, **dict(self.overrides)) if self.kind == 'second_order' else base
+
+  def num_layers(self, base: SecondOrderConfig) -> int:
+    """How many conv layers (network order) its kernels must include."""
+    return max(self.config(base).active_layers()) + 1
+
+
+_REG = (('weight_decay', 5e-4), ('val_per_task', 1))
+_STD = (('feature_norm', 'across'),)
+_FUSION_LAYERS = 3
+
+REGISTRY = {m.name: m for m in [
+    Method('random', 'random prediction', 'random',
+           paper={'classification': (2.0, 9.6, 18.3), 'retrieval': (10.0, 41.0, 65.1)}),
+    Method('fc_only', 'only one FC layer', 'second_order', overrides=(('method', 'fc_only'),),
+           paper={'classification': (5.3, 17.5, 29.3), 'retrieval': (15.0, 55.8, 83.3)}),
+    Method('no_align', 'Frobenius+FC, w/o alignment', 'second_order',
+           overrides=(('method', 'no_align'),),
+           paper={'classification': (5.5, 18.3, 29.0), 'retrieval': (13.3, 58.3, 80.0)}),
+    Method('lps', 'LPS (Frobenius+FC, w/ alignment)', 'second_order',
+           overrides=(('method', 'lps'),),
+           paper={'classification': (79.8, 94.8, 98.0), 'retrieval': (80.7, 95.0, 95.8)}),
+    # LPS variants (not in the paper; RESULTS.md says which generalise).
+    Method('lps_reg', 'LPS + weight decay 5e-4 + early stopping', 'second_order',
+           'this project', overrides=(('method', 'lps'),) + _REG),
+    Method('lps_std', 'LPS + features standardised across models', 'second_order',
+           'this project', overrides=(('method', 'lps'),) + _STD),
+    Method('lps_reg_std', 'LPS + standardised + wd + early stopping', 'second_order',
+           'this project', overrides=(('method', 'lps'),) + _REG + _STD),
+    Method('lps_fusion', f'LPS fusion of branches 1-{_FUSION_LAYERS}, learned w_l, '
+           'standardised', 'second_order', 'this project',
+           overrides=(('method', 'lps'), ('layer_weights', (1.0,) * _FUSION_LAYERS),
+                      ('learned_weights', True)) + _STD),
+    # Fig. 3c ablations of the alignment (Sec. 5.5); 'no_align' is the channel-only case.
+    Method('unaligned', 'Frobenius+FC, no alignment at all', 'second_order', 'LPS paper, Sec. 5.5',
+           overrides=(('method', 'none'),)),
+    Method('filter_only', 'Frobenius+FC, filter alignment only', 'second_order',
+           'LPS paper, Sec. 5.5', overrides=(('method', 'filter_only'),)),
+    Method('channel_only', 'Frobenius+FC, channel alignment only', 'second_order',
+           'LPS paper, Sec. 5.5', overrides=(('method', 'channel_only'),)),
+    # Baselines the paper did not run (lps_jax.baselines cites each).
+    Method('weight_stats', 'weight statistics + LR (StatNN)', 'probe',
+           'Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"',
+           features='weight_stats'),
+    Method('gram', 'filter Gram matrix + mean filter + LR', 'probe',
+           'second-moment probe (this project)', features='gram'),
+    Method('sort', 'filters sorted by norm + LR (Model Zoos)', 'probe',
+           'Schürholt et al. 2022, "Model Zoos"', features='sort'),
+    Method('rebasin', 'weight matching to a reference + LR (Git Re-Basin)', 'probe',
+           'Ainsworth et al. 2023, "Git Re-Basin"', features='rebasin'),
+]}
+
+PAPER_METHODS = ('random', 'fc_only', 'no_align', 'lps')
+
+
+def get(name: str) -> Method:
+  if name not in REGISTRY:
+    raise ValueError(f'unknown method {name!r}; choose from {", ".join(REGISTRY)}.')
+  return REGISTRY[name]
+
+
+class RandomScores:
+  """Random prediction: uniform scores / embeddings, seeded by the split."""
+
+  def __init__(self, num_classes: int, seed: int):
+    self.num_classes, self.rng = num_classes, np.random.default_rng(seed)
+
+  def fit(self, kernels, labels, progress=None):
+    if progress is not None:
+      progress(1, None)
+
+  def predict(self, kernels) -> np.ndarray:
+    return self.rng.random((_rows(kernels), self.num_classes))
+
+  def embed(self, kernels) -> np.ndarray:
+    z = self.rng.random((_rows(kernels), self.num_classes)) - 0.5
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def _rows(kernels) -> int:
+  return next(np.asarray(k).shape[0] for k in kernels if k is not None)
+
+
+def build(method: Method, base: SecondOrderConfig, num_classes: int):
+  """An unfitted model of `method` for `num_classes` tasks (`base.split_seed` seeds it)."""
+  if method.kind == 'random':
+    return RandomScores(num_classes, base.split_seed)
+  if method.kind == 'probe':
+    return baselines.FeatureProbe(method.features, base.active_layers(), num_classes)
+  return SecondOrderModel(method.config(base), num_classes)
+
+
+def fit_count(method: Method, base: SecondOrderConfig) -> int:
+  """Epochs a progress bar counts for one fit."""
+  return method.config(base).epochs if method.kind == 'second_order' else 1
