@@ -166,9 +166,15 @@ class SecondOrderModel:
     w = self.weights(params)
     return jnp.mean(jax.vmap(lambda yy, *z: eq9_loss(z, yy, w))(y, *logits))
 
-  def _feature_stats(self, variables, ks) -> dict:
-    """Per-feature mean / std of each branch over the models `ks` (feature_norm='across')."""
-    feats = jax.vmap(lambda k: self.net.apply(variables, k, features_only=True))(ks)
+  def _features(self, variables, ks) -> list[jax.Array]:
+    """Each branch's aligned features, before standardisation, of a stack of models."""
+    return jax.vmap(lambda k: self.net.apply(variables, k, features_only=True))(ks)
+
+  def _feature_stats(self, features: Callable, variables, ks) -> dict:
+    """Per-feature mean / std of each branch over the models `ks` (feature_norm='across');
+    `features` is the compiled `_features` (the statistics stay eager, as they were when
+    the committed results were made)."""
+    feats = features(variables, ks)
     return {f'branch_{l}': {'mean': jnp.mean(f, axis=0), 'std': jnp.std(f, axis=0) + 1e-6}
             for l, f in zip(self.layers, feats)}
 
@@ -221,13 +227,14 @@ class SecondOrderModel:
     val_y = jnp.asarray(labels[val])
     val_score = jax.jit(lambda params, fixed: self._val_score(dict(fixed, params=params),
                                                               val_k, val_y))
-    feature_stats = jax.jit(self._feature_stats)   # traced once per fit, called every epoch
+    features = jax.jit(self._features)   # traced once per fit, called every epoch
     history, best = [], None
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), cfg.split_seed), 1)
     params = self.variables['params']
     for epoch in range(cfg.epochs):
       if cfg.feature_norm == 'across':  # Statistics of the current phi, for this epoch.
-        fixed = dict(fixed, **{STATS: feature_stats(dict(fixed, params=params), ks)})
+        stats = self._feature_stats(features, dict(fixed, params=params), ks)
+        fixed = dict(fixed, **{STATS: stats})
       params, opt_state, loss = run_epoch(params, opt_state, fixed, jax.random.fold_in(key, epoch))
       loss = float(loss)
       if not np.isfinite(loss):

@@ -144,7 +144,7 @@ def test_across_standardisation_and_learned_weights_round_trip():
                           feature_norm='across', learned_weights=True, learning_rate=0.05)
   model = SecondOrderModel(cfg, 4)
   # Statistics are refreshed every epoch by one compiled function (traced once per fit).
-  model._feature_stats = chex.assert_max_traces(model._feature_stats, n=1)
+  model._features = chex.assert_max_traces(model._features, n=1)
   model.fit(kernels, y)
   stats = model.variables['feature_stats']['branch_1']
   assert stats['mean'].shape == (8 * 4,) and np.all(np.asarray(stats['std']) > 0)
