@@ -14,6 +14,24 @@ if data.default_data_dir():  # Subprocesses (the apps) inherit an absolute path.
   os.environ[data.DATA_DIR_ENV] = os.path.abspath(data.default_data_dir())
 
 
+@pytest.fixture(scope='session', autouse=True)
+def subprocess_compile_cache(tmp_path_factory):
+  """Apps run as subprocesses (SIGKILL, devices, processes) compile the same programs again
+  and again: they share one persistent XLA cache for the session (a cache hit runs the same
+  executable, so bitwise comparisons between runs are unaffected)."""
+  env = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('xla_cache')),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
 @pytest.fixture(scope='session')
 def data_dir():
   """The offline data folder; without it the test is skipped (CI sets LPS_REQUIRE_DATA=1,
