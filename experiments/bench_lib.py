@@ -157,6 +157,65 @@ def torch_images_per_s(models: int, steps: int, batch_size: int, channels_last: 
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# Stride-1 3x3 convs of ResNet-20 by shape: (side, c_in, c_out, how many in one network). The
+# stride-2 convs and 1x1 shortcuts (2 each) are left out.
+RESNET20_CONVS = ((32, 3, 16, 1), (32, 16, 16, 6), (16, 32, 32, 5), (8, 64, 64, 5))
+
+
+def xla_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:
+  """Milliseconds of one NHWC / HWIO conv's forward, input gradient and weight gradient as
+  XLA compiles them, and of the weight gradient written as 9 shifted matmuls (no conv op)."""
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn)
+  kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (batch, side, side, cin))
+  k = 0.1 * jax.random.normal(kk, (3, 3, cin, cout))
+  dy = jax.random.normal(ky, (batch, side, side, cout))
+
+  def shifted_matmuls(x, dy):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.stack([jnp.einsum('bhwc,bhwo->co', xp[:, i:i + side, j:j + side], dy)
+                      for i in range(3) for j in range(3)]).reshape(3, 3, cin, cout)
+
+  fns = {'forward': (conv, (x, k)),
+         'input grad': (lambda x, k, dy: jax.vjp(lambda a: conv(a, k), x)[1](dy)[0], (x, k, dy)),
+         'weight grad': (lambda x, k, dy: jax.vjp(lambda w: conv(x, w), k)[1](dy)[0], (x, k, dy)),
+         'weight grad as matmuls': (shifted_matmuls, (x, dy))}
+  fns = {name: (jax.jit(f), args) for name, (f, args) in fns.items()}
+  ref = np.asarray(fns['weight grad'][0](x, k, dy))
+  np.testing.assert_allclose(fns['weight grad as matmuls'][0](x, dy), ref, rtol=1e-3,
+                             atol=1e-3 * np.abs(ref).max())
+  return {name: 1e3 * best_time(f, *args, repeats=repeats) for name, (f, args) in fns.items()}
+
+
+def torch_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:
+  """The same three passes in PyTorch (channels_last, oneDNN), in this process."""
+  import torch
+  cl = torch.channels_last
+  x = torch.randn(batch, cin, side, side).contiguous(memory_format=cl)
+  k = (0.1 * torch.randn(cout, cin, 3, 3)).contiguous(memory_format=cl)
+  dy = torch.randn(batch, cout, side, side).contiguous(memory_format=cl)
+
+  def backward(mask):
+    return torch.ops.aten.convolution_backward(dy, x, k, None, (1, 1), (1, 1), (1, 1), False,
+                                               (0, 0), 1, mask)
+
+  fns = {'forward': lambda: torch.nn.functional.conv2d(x, k, padding=1),
+         'input grad': lambda: backward((True, False, False)),
+         'weight grad': lambda: backward((False, True, False))}
+  out = {}
+  with torch.no_grad():
+    for name, f in fns.items():
+      f()
+      best = float('inf')
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+      out[name] = 1e3 * best
+  return out
+
+
 def torch_available() -> bool:
   import importlib.util
   return importlib.util.find_spec('torch') is not None

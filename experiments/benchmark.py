@@ -16,6 +16,9 @@ Suites (figures printed as markdown tables and written to --out as JSON):
   torch    the default config and PyTorch's per-model loop (plain and channels_last, each run in
            its own process, rounds interleaved) on the same ResNet-20 step, with their ratio;
            needs the optional `torch` package, skipped with a message otherwise;
+  convs    each stride-1 3x3 conv shape of ResNet-20, forward / input grad / weight grad one at
+           a time, XLA against PyTorch channels_last (if installed), and the weight gradient as
+           shifted matmuls (checked equal first): what bounds the CPU train step;
   align    Eq. 5-8 over a population vs population size and G: models/s forward and
            forward+backward, GFLOP/s, % of the matmul, compiled memory per chunk;
   chunks   peak resident memory of a real `train_population` run (one epoch, its own process)
@@ -34,7 +37,7 @@ from experiments import bench_lib
 from lps_jax import data as data_lib
 from lps_jax import train_config
 
-SUITES = ('matmul', 'train', 'devices', 'torch', 'align', 'chunks')
+SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
                   f'Which benchmarks to run, of {SUITES}.')
 flags.DEFINE_list('population_sizes', ['1', '8', '32'], 'Models per chunk (train suite).')
@@ -231,6 +234,39 @@ def torch_suite(peak):
       size, 'default', bench_lib.parse_config('default'))}
 
 
+def convs_suite():
+  """Each stride-1 3x3 conv shape of ResNet-20, one pass at a time: XLA against PyTorch's
+  channels_last (oneDNN) kernels, and the weight gradient as shifted matmuls (what bounds the
+  train step; BENCHMARKS.md)."""
+  with_torch = bench_lib.torch_available()
+  if not with_torch:
+    print('\nconvs suite: PyTorch is not installed, XLA columns only (pip install torch).')
+  rows, passes = [], ('forward', 'input grad', 'weight grad')
+  for side, cin, cout, count in bench_lib.RESNET20_CONVS:
+    row = {'shape': f'{side}x{side} {cin}->{cout}', 'count': count,
+           'xla': bench_lib.xla_conv_ms(side, cin, cout, FLAGS.batch_size)}
+    if with_torch:
+      row['torch'] = bench_lib.torch_conv_ms(side, cin, cout, FLAGS.batch_size)
+    rows.append(row)
+  # A train step needs no input gradient of the first conv (its input is the image).
+  needed = lambda r, p: r['count'] * (p != 'input grad' or r['shape'] != rows[0]['shape'])
+  totals = {lib: {p: sum(needed(r, p) * r[lib][p] for r in rows) for p in passes}
+            for lib in ('xla', 'torch') if lib in rows[0]}
+  libs = list(totals)
+  print(f'\n### 3x3 convs of ResNet-20, batch {FLAGS.batch_size}, best of 5 (ms)\n')
+  print('| conv | per network | ' + ' | '.join(f'{lib} {p}' for lib in libs for p in passes)
+        + ' | xla weight grad as matmuls |')
+  print('|---|---|' + '---|' * (len(libs) * len(passes) + 1))
+  for r in rows:
+    print(f'| {r["shape"]} | {r["count"]} | '
+          + ' | '.join(f'{r[lib][p]:.1f}' for lib in libs for p in passes)
+          + f' | {r["xla"]["weight grad as matmuls"]:.1f} |')
+  print('| per model step (count-weighted) | | '
+        + ' | '.join(f'{totals[lib][p]:.0f}' for lib in libs for p in passes) + ' | |')
+  sys.stdout.flush()
+  return {'rows': rows, 'per_model_step_ms': totals, 'batch_size': FLAGS.batch_size}
+
+
 def devices_suite(peak):
   import jax
   size = FLAGS.devices_population
@@ -356,7 +392,8 @@ def main(argv):
   results['matmul'] = matmul_suite()
   peak = results['matmul']['gflops']
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
-            ('torch', lambda: torch_suite(peak)), ('align', lambda: align_suite(peak)),
+            ('torch', lambda: torch_suite(peak)), ('convs', convs_suite),
+            ('align', lambda: align_suite(peak)),
             ('chunks', chunks_suite)]
   for name, run in suites:
     if name in FLAGS.suites:

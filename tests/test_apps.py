@@ -54,13 +54,19 @@ def test_lps_main_bad_model_sets(tmp_path):
 
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'b.json'
-  r = _run('experiments.benchmark', '--suites=align', '--align_sizes=3', '--align_filters=2',
-           '--align_chunk=2', '--matmul_size=64', '--num_cpu_devices=1', f'--out={out}')
+  r = _run('experiments.benchmark', '--suites=align,convs', '--align_sizes=3',
+           '--align_filters=2', '--align_chunk=2', '--matmul_size=64', '--num_cpu_devices=1',
+           '--batch_size=2', f'--out={out}')
   assert r.returncode == 0, r.stderr[-2000:]
   import json
   res = json.load(open(out))
   assert res['matmul']['gflops'] > 0 and len(res['align']) == 4
   assert all(row['fwd_models_per_s'] > 0 and row['models'] == 3 for row in res['align'])
   assert '| models | G | layer shape |' in r.stdout
+  # The convs suite checked the shifted-matmul weight gradient against XLA's before timing.
+  convs = res['convs']
+  assert [row['count'] for row in convs['rows']] == [1, 6, 5, 5]
+  assert all(v > 0 for row in convs['rows'] for v in row['xla'].values())
+  assert convs['per_model_step_ms']['xla']['weight grad'] > 0
   r = _run('experiments.benchmark', '--suites=nope', f'--out={out}')
   assert r.returncode != 0 and 'unknown suites' in r.stderr
