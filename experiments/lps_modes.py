@@ -240,7 +240,7 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
     num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
     kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)
     for m in chosen:
-      missing = [names[i] for i in m.config(config).active_layers() if kernels[i] is None]
+      missing = [names[i] for i in m.active_layers(config) if kernels[i] is None]
       if missing:
         raise modelset.ModelSetError(f'{path} has no kernels for {missing} (method {m.name!r}); '
                                      'pass the full model set folder instead of the exported '

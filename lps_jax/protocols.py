@@ -86,6 +86,9 @@ def fit(method: methods.Method | str, config: SecondOrderConfig, num_classes: in
   `progress(epochs, None)` is called once, so progress bars stay true).
   """
   method = methods.get(method) if isinstance(method, str) else method
+  if method.kind == 'ensemble':   # each member through the cache
+    return methods.Ensemble([fit(m, config, num_classes, kernels, labels, cache, progress)
+                             for m in method.members])
   model = methods.build(method, config, num_classes)
   if method.kind != 'second_order' or cache is None:
     model.fit(kernels, labels, progress=progress)

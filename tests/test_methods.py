@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import baselines, methods, protocols
+from lps_jax import baselines, methods, protocols, results
 from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel, validation_rows
 
 
@@ -154,3 +154,20 @@ def test_across_standardisation_and_learned_weights_round_trip():
   clone = SecondOrderModel(cfg, 4)
   clone.from_bytes(kernels, model.to_bytes())
   np.testing.assert_allclose(clone.predict(kernels), model.predict(kernels), rtol=1e-6)
+
+
+def test_ensemble_averages_its_members_and_reuses_their_cached_networks(tmp_path):
+  rng = np.random.default_rng(4)
+  kernels, y = _toy(rng)
+  base = SecondOrderConfig(num_filters=4, epochs=2, lr_boundaries=(), learning_rate=0.01)
+  cache = results.Cache(str(tmp_path))
+  ens = protocols.fit('lps_gram', base, 4, kernels, y, cache)
+  calls = []
+  lps = protocols.fit('lps', base, 4, kernels, y, cache, progress=lambda *a: calls.append(a))
+  assert calls == [(2, None)]   # the ensemble's LPS network, from the cache
+  gram = protocols.fit('gram', base, 4, kernels, y)
+  np.testing.assert_allclose(ens.predict(kernels),
+                             (lps.predict(kernels) + gram.predict(kernels)) / 2, rtol=1e-6)
+  cos = lambda m: m.embed(kernels) @ m.embed(kernels).T
+  np.testing.assert_allclose(cos(ens), (cos(lps) + cos(gram)) / 2, rtol=1e-5, atol=1e-6)
+  assert methods.fit_count(methods.get('lps_gram'), base) == 2 + 1
