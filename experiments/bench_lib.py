@@ -164,7 +164,9 @@ RESNET20_CONVS = ((32, 3, 16, 1), (32, 16, 16, 6), (16, 32, 32, 5), (8, 64, 64, 
 
 def xla_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:
   """Milliseconds of one NHWC / HWIO conv's forward, input gradient and weight gradient as
-  XLA compiles them, and of the weight gradient written as 9 shifted matmuls (no conv op)."""
+  XLA compiles them, and of reformulations: the weight gradient as 9 shifted matmuls (no conv
+  op) or as an explicit conv contracting the batch (CHWN input), the forward as im2col
+  patches @ kernel. Each reformulation is checked equal to XLA's own pass first."""
   dn = ('NHWC', 'HWIO', 'NHWC')
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn)
   kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -177,14 +179,29 @@ def xla_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) ->
     return jnp.stack([jnp.einsum('bhwc,bhwo->co', xp[:, i:i + side, j:j + side], dy)
                       for i in range(3) for j in range(3)]).reshape(3, 3, cin, cout)
 
+  def batch_contracting_conv(x, dy):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jax.lax.conv_general_dilated(xp, dy, (1, 1), 'VALID',
+                                        dimension_numbers=('CHWN', 'IHWO', 'NHWC')
+                                        ).transpose(1, 2, 0, 3)
+
+  def im2col(x, k):   # patches are channel-major: (c, i, j)
+    p = jax.lax.conv_general_dilated_patches(x, (3, 3), (1, 1), 'SAME', dimension_numbers=dn)
+    return p @ k.transpose(2, 0, 1, 3).reshape(9 * cin, cout)
+
   fns = {'forward': (conv, (x, k)),
          'input grad': (lambda x, k, dy: jax.vjp(lambda a: conv(a, k), x)[1](dy)[0], (x, k, dy)),
          'weight grad': (lambda x, k, dy: jax.vjp(lambda w: conv(x, w), k)[1](dy)[0], (x, k, dy)),
-         'weight grad as matmuls': (shifted_matmuls, (x, dy))}
+         'weight grad as matmuls': (shifted_matmuls, (x, dy)),
+         'weight grad as batch-contracting conv': (batch_contracting_conv, (x, dy)),
+         'forward as im2col': (im2col, (x, k))}
   fns = {name: (jax.jit(f), args) for name, (f, args) in fns.items()}
-  ref = np.asarray(fns['weight grad'][0](x, k, dy))
-  np.testing.assert_allclose(fns['weight grad as matmuls'][0](x, dy), ref, rtol=1e-3,
-                             atol=1e-3 * np.abs(ref).max())
+  for variant, of in (('weight grad as matmuls', 'weight grad'),
+                      ('weight grad as batch-contracting conv', 'weight grad'),
+                      ('forward as im2col', 'forward')):
+    ref = np.asarray(fns[of][0](*fns[of][1]))
+    np.testing.assert_allclose(fns[variant][0](*fns[variant][1]), ref, rtol=1e-3,
+                               atol=1e-3 * np.abs(ref).max(), err_msg=variant)
   return {name: 1e3 * best_time(f, *args, repeats=repeats) for name, (f, args) in fns.items()}
 
 

@@ -17,8 +17,8 @@ Suites (figures printed as markdown tables and written to --out as JSON):
            its own process, rounds interleaved) on the same ResNet-20 step, with their ratio;
            needs the optional `torch` package, skipped with a message otherwise;
   convs    each stride-1 3x3 conv shape of ResNet-20, forward / input grad / weight grad one at
-           a time, XLA against PyTorch channels_last (if installed), and the weight gradient as
-           shifted matmuls (checked equal first): what bounds the CPU train step;
+           a time, XLA against PyTorch channels_last (if installed), and reformulations of the
+           weight gradient and forward (checked equal first): what bounds the CPU train step;
   align    Eq. 5-8 over a population vs population size and G: models/s forward and
            forward+backward, GFLOP/s, % of the matmul, compiled memory per chunk;
   chunks   peak resident memory of a real `train_population` run (one epoch, its own process)
@@ -243,26 +243,25 @@ def convs_suite():
     print('\nconvs suite: PyTorch is not installed, XLA columns only (pip install torch).')
   rows, passes = [], ('forward', 'input grad', 'weight grad')
   for side, cin, cout, count in bench_lib.RESNET20_CONVS:
-    row = {'shape': f'{side}x{side} {cin}->{cout}', 'count': count,
+    row = {'shape': f'{side}x{side} {cin}->{cout}', 'c_in': cin, 'count': count,
            'xla': bench_lib.xla_conv_ms(side, cin, cout, FLAGS.batch_size)}
     if with_torch:
       row['torch'] = bench_lib.torch_conv_ms(side, cin, cout, FLAGS.batch_size)
     rows.append(row)
-  # A train step needs no input gradient of the first conv (its input is the image).
-  needed = lambda r, p: r['count'] * (p != 'input grad' or r['shape'] != rows[0]['shape'])
+  # A train step needs no input gradient of the first conv (its input is the image, c_in 3).
+  needed = lambda r, p: r['count'] * (p != 'input grad' or r['c_in'] != 3)
   totals = {lib: {p: sum(needed(r, p) * r[lib][p] for r in rows) for p in passes}
             for lib in ('xla', 'torch') if lib in rows[0]}
-  libs = list(totals)
+  cols = [(lib, p) for lib in totals for p in passes]
+  cols += [('xla', p) for p in rows[0]['xla'] if p not in passes]   # the reformulations
   print(f'\n### 3x3 convs of ResNet-20, batch {FLAGS.batch_size}, best of 5 (ms)\n')
-  print('| conv | per network | ' + ' | '.join(f'{lib} {p}' for lib in libs for p in passes)
-        + ' | xla weight grad as matmuls |')
-  print('|---|---|' + '---|' * (len(libs) * len(passes) + 1))
+  print('| conv | per network | ' + ' | '.join(f'{lib} {p}' for lib, p in cols) + ' |')
+  print('|---|---|' + '---|' * len(cols))
   for r in rows:
     print(f'| {r["shape"]} | {r["count"]} | '
-          + ' | '.join(f'{r[lib][p]:.1f}' for lib in libs for p in passes)
-          + f' | {r["xla"]["weight grad as matmuls"]:.1f} |')
+          + ' | '.join(f'{r[lib][p]:.1f}' for lib, p in cols) + ' |')
   print('| per model step (count-weighted) | | '
-        + ' | '.join(f'{totals[lib][p]:.0f}' for lib in libs for p in passes) + ' | |')
+        + ' | '.join(f'{totals[lib][p]:.0f}' if p in passes else '' for lib, p in cols) + ' |')
   sys.stdout.flush()
   return {'rows': rows, 'per_model_step_ms': totals, 'batch_size': FLAGS.batch_size}
 

@@ -40,20 +40,18 @@ class Mode:
   help: str
   run: Callable[[Context], Any]
   render: Callable[[dict, Optional[str]], str]
+  epochs_per_seed: Callable[[Context], int]   # second-order epochs one split seed trains
+  takes_methods: bool = False           # runs --methods (the tables)
   folder_reason: Optional[str] = None   # why it needs the full model set folder, if it does
   first_branch: int = 1                 # lowest branch it accepts (alignment: 2)
 
   def fits(self, ctx: Context) -> int:
     """Progress units (second-order epochs) of a whole run."""
-    per_seed = {
-        'classification': lambda: sum(methods.fit_count(methods.get(m), ctx.config)
-                                      for m in ctx.methods),
-        'transfer': lambda: ctx.config.epochs,
-        'branches': lambda: len(ctx.branches) * ctx.config.epochs,
-        'alignment': lambda: len(protocols.ALIGNMENT_VARIANTS) * len(ctx.branches)
-                             * ctx.config.epochs}
-    per_seed['retrieval'] = per_seed['classification']
-    return per_seed[self.name]() * len(ctx.seeds)
+    return self.epochs_per_seed(ctx) * len(ctx.seeds)
+
+
+def _methods_epochs(ctx: Context) -> int:
+  return sum(methods.fit_count(methods.get(m), ctx.config) for m in ctx.methods)
 
 
 # -- run
@@ -207,15 +205,19 @@ def render_transfer(res: dict, results_dir: Optional[str]) -> str:
 _FOLDER = 'needs the full model set folder (train_population workdir/modelset), not a kernels .npz'
 MODES = {m.name: m for m in [
     Mode('classification', 'Table 1: 8 train / 2 test models per task.', run_classification,
-         render_table),
+         render_table, _methods_epochs, takes_methods=True),
     Mode('retrieval', 'Table 2: train on 40 tasks; 2 query + 8 gallery per held-out task.',
-         run_retrieval, render_table),
+         run_retrieval, render_table, _methods_epochs, takes_methods=True),
     Mode('transfer', 'Fig. 3a: parameter similarity vs transferability.', run_transfer,
-         render_transfer, folder_reason='runs the first-order models on images, so it ' + _FOLDER),
+         render_transfer, lambda ctx: ctx.config.epochs,
+         folder_reason='runs the first-order models on images, so it ' + _FOLDER),
     Mode('branches', 'Fig. 3b: one branch at a time.', run_branches, render_branches,
+         lambda ctx: len(ctx.branches) * ctx.config.epochs,
          folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER),
     Mode('alignment', 'Fig. 3c: alignment ablation, branches 2..19.', run_alignment,
-         render_alignment, folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER,
+         render_alignment,
+         lambda ctx: len(protocols.ALIGNMENT_VARIANTS) * len(ctx.branches) * ctx.config.epochs,
+         folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER,
          first_branch=2),
 ]}
 
@@ -234,8 +236,7 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
                                                  Optional[list[int]]]:
   """(kernels, task_id, model set or None, branches or None) for `mode`, or a ValueError
   (ModelSetError) saying what to pass instead."""
-  chosen = [methods.get(m) for m in method_names] if mode.name in ('classification',
-                                                                   'retrieval') else []
+  chosen = [methods.get(m) for m in method_names] if mode.takes_methods else []
   if mode.folder_reason is None:
     num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
     kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)

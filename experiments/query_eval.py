@@ -30,7 +30,6 @@ FLAGS = flags.FLAGS
 
 
 def _scores(probs, tasks, truth):
-  probs = np.stack(probs)
   y = np.searchsorted(tasks, truth)
   return {f'top-{k}': float(v) for k, v in metrics.topk_accuracy(probs, y, (1, 5)).items()}
 
@@ -52,19 +51,21 @@ def main(argv):
   rows = {'own held-out models (trained here)': (
       _scores(own, idx.tasks, task_id[held]), held.size,
       _weight_stats(kernels[0][held]))}
-  meta = json.load(open(os.path.join(FLAGS.foreign, 'models.json')))
-  probs, truth, ks = [], [], []
+  with open(os.path.join(FLAGS.foreign, 'models.json')) as f:
+    meta = json.load(f)
+  truth, ks = [], []
   for name, m in sorted(meta.items()):
     path = os.path.join(FLAGS.foreign, name)
     k, _ = checkpoints.conv_kernels(checkpoints.read_arrays(path), 1,
                                     checkpoints.default_layout(path), origin=path)
     index.check_kernels(idx, k, path)
-    probs.append(idx.model.predict([k[0][None]])[0])
     truth.append(m['task'])
     ks.append(k[0])
+  foreign = np.stack(ks)
   acc = float(np.mean([m['heldout_accuracy'] for m in meta.values()]))
   rows[f'PyTorch-trained, PyTorch default init ({FLAGS.foreign})'] = (
-      _scores(probs, idx.tasks, np.asarray(truth)), len(truth), _weight_stats(np.stack(ks)))
+      _scores(idx.model.predict([foreign]), idx.tasks, np.asarray(truth)), len(truth),
+      _weight_stats(foreign))
   chance = {'top-1': 1 / idx.tasks.size, 'top-5': 5 / idx.tasks.size}
   lines = ['## Naming the task of unseen checkpoints (lps_query\'s index)', '',
            f'Command: `python -m experiments.query_eval {" ".join(sys.argv[1:])}`', '',

@@ -70,7 +70,10 @@ def main():
   split = data.make_tasks(train, tasks, eval_split=test)
   os.makedirs(a.out, exist_ok=True)
   meta_path = os.path.join(a.out, 'models.json')
-  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+  meta = {}
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
   for task in tasks:
     for run in range(a.runs):
       name = f'task{task:02d}_run{run}.pt'

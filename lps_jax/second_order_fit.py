@@ -170,11 +170,9 @@ class SecondOrderModel:
     """Each branch's aligned features, before standardisation, of a stack of models."""
     return jax.vmap(lambda k: self.net.apply(variables, k, features_only=True))(ks)
 
-  def _feature_stats(self, features: Callable, variables, ks) -> dict:
-    """Per-feature mean / std of each branch over the models `ks` (feature_norm='across');
-    `features` is the compiled `_features` (the statistics stay eager, as they were when
-    the committed results were made)."""
-    feats = features(variables, ks)
+  def _feature_stats(self, feats: list[jax.Array]) -> dict:
+    """Per-feature mean / std of each branch's features over the models (feature_norm=
+    'across'); eager, as when the committed results were made (jitted, the rounding differs)."""
     return {f'branch_{l}': {'mean': jnp.mean(f, axis=0), 'std': jnp.std(f, axis=0) + 1e-6}
             for l, f in zip(self.layers, feats)}
 
@@ -233,7 +231,7 @@ class SecondOrderModel:
     params = self.variables['params']
     for epoch in range(cfg.epochs):
       if cfg.feature_norm == 'across':  # Statistics of the current phi, for this epoch.
-        stats = self._feature_stats(features, dict(fixed, params=params), ks)
+        stats = self._feature_stats(features(dict(fixed, params=params), ks))
         fixed = dict(fixed, **{STATS: stats})
       params, opt_state, loss = run_epoch(params, opt_state, fixed, jax.random.fold_in(key, epoch))
       loss = float(loss)
