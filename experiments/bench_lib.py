@@ -13,6 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lps_jax import data, trainer, train_config, train_step
 
@@ -95,7 +96,9 @@ def step_cost(tr: trainer.PopulationTrainer) -> dict:
   t = tr.tasks
   single = (jax.tree_util.tree_map(one, host_state), one(host_keys), jnp.asarray(t.train_idx[0]),
             jnp.asarray(t.train_labels[0]), jnp.asarray(_images(tr)), np.int32(0), np.int32(0))
-  fused = jax.jit(functools.partial(train_step.train_step, model=tr.model, tx=tr.tx,
+  # Counted on lax convs: XLA's cost analysis sees no FLOPs inside custom calls (oneDNN).
+  model = dataclasses.replace(tr.model, conv_impl='lax')
+  fused = jax.jit(functools.partial(train_step.train_step, model=model, tx=tr.tx,
                                     batch_size=b, stride=b))
   cost = fused.lower(*single).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -203,6 +206,99 @@ def xla_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) ->
     np.testing.assert_allclose(fns[variant][0](*fns[variant][1]), ref, rtol=1e-3,
                                atol=1e-3 * np.abs(ref).max(), err_msg=variant)
   return {name: 1e3 * best_time(f, *args, repeats=repeats) for name, (f, args) in fns.items()}
+
+
+def onednn_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:
+  """The three passes through lps-jax's oneDNN custom calls (jitted, all cores per call),
+  each checked equal to XLA's first."""
+  from lps_jax.onednn import conv as onednn_conv
+  threads = len(os.sched_getaffinity(0))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn)
+  ours = lambda x, k: onednn_conv.conv(x, k, 1, threads)
+  kx, kk, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (batch, side, side, cin))
+  k = 0.1 * jax.random.normal(kk, (3, 3, cin, cout))
+  dy = jax.random.normal(ky, (batch, side, side, cout))
+  passes = lambda conv: {
+      'forward': (conv, (x, k)),
+      'input grad': (lambda x, k, dy: jax.vjp(lambda a: conv(a, k), x)[1](dy)[0], (x, k, dy)),
+      'weight grad': (lambda x, k, dy: jax.vjp(lambda w: conv(x, w), k)[1](dy)[0], (x, k, dy))}
+  out = {}
+  for (name, (f, args)), (_, (g, _)) in zip(passes(ours).items(), passes(ref).items()):
+    f = jax.jit(f)
+    want = np.asarray(jax.jit(g)(*args))
+    np.testing.assert_allclose(f(*args), want, rtol=1e-3, atol=1e-4 * np.abs(want).max(),
+                               err_msg=f'onednn {name}')
+    out[name] = 1e3 * best_time(f, *args, repeats=repeats)
+  return out
+
+
+def onednn_available() -> bool:
+  from lps_jax.onednn import build
+  try:
+    build.library_path()
+    return True
+  except build.OneDNNUnavailable:
+    return False
+
+
+# Every conv of one ResNet-20 step: (side, c_in, c_out, kernel, stride, how many).
+RESNET20_ALL_CONVS = ((32, 3, 16, 3, 1, 1), (32, 16, 16, 3, 1, 6), (32, 16, 32, 3, 2, 1),
+                      (32, 16, 32, 1, 2, 1), (16, 32, 32, 3, 1, 5), (16, 32, 64, 3, 2, 1),
+                      (16, 32, 64, 1, 2, 1), (8, 64, 64, 3, 1, 5))
+
+
+def step_breakdown(conv_impl: str, batch: int, threads: int, repeats: int = 5) -> dict:
+  """Milliseconds of one model's train step (split: forward + backward programs, one device)
+  and of its parts timed in isolation: the batch gather + augmentation, the optimizer update,
+  every conv pass of the step (count-weighted; no input gradient for the stem), one dispatch of
+  a program over the state; `rest` = step - data - optimizer - convs (batch norm, elementwise,
+  pooling, loss, what XLA adds between ops)."""
+  from lps_jax import resnet
+  cfg = train_config.TrainConfig(batch_size=batch)
+  tx = train_step.make_optimizer(cfg, 8)
+  model = resnet.ResNet(conv_impl=conv_impl, conv_threads=threads)
+  key = jax.random.PRNGKey(0)
+  state = train_step.init_model_state(key, resnet.ResNetConfig(), tx)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8))
+  idx, labels = jnp.arange(1000, dtype=jnp.int32), jnp.asarray(rng.integers(0, 2, 1000))
+  args = (key, idx, labels, images, np.int32(0), np.int32(1))
+  sizes = dict(batch_size=batch, stride=batch)
+  forward = jax.jit(functools.partial(train_step.forward_and_vjp, model=model, **sizes))
+  backward = jax.jit(functools.partial(train_step.apply_gradients, tx=tx))
+  step = lambda st: backward(st, *forward(st, *args)[:2])
+  data_fn = jax.jit(functools.partial(train_step.batch, **sizes))
+  def update(st):
+    updates, opt = tx.update(st['params'], st['opt_state'], st['params'])
+    return {'params': optax.apply_updates(st['params'], updates), 'opt_state': opt}
+  out = {'step': 1e3 * best_time(step, state, repeats=repeats),
+         'data (gather + augment)': 1e3 * best_time(data_fn, *args, repeats=repeats),
+         'optimizer update': 1e3 * best_time(jax.jit(update), state, repeats=repeats),
+         'dispatch of one program': 1e3 * best_time(jax.jit(lambda st: st), state,
+                                                    repeats=repeats)}
+  convs = 0.0
+  for side, cin, cout, k, stride, count in RESNET20_ALL_CONVS:
+    convs += count * _conv_step_ms(conv_impl, threads, side, cin, cout, k, stride, batch,
+                                   input_grad=cin != 3, repeats=repeats)
+  out['convs (all passes)'] = convs
+  out['rest'] = out['step'] - convs - out['data (gather + augment)'] - out['optimizer update']
+  return out
+
+
+def _conv_step_ms(conv_impl, threads, side, cin, cout, k, stride, batch, input_grad, repeats):
+  """Forward + kernel gradient (+ input gradient) of one conv, in milliseconds."""
+  from lps_jax import resnet
+  conv = resnet.Conv(cout, k, stride, conv_impl, threads)
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, side, side, cin))
+  variables = conv.init(jax.random.PRNGKey(2), x)
+  dy = jax.random.normal(jax.random.PRNGKey(3), conv.apply(variables, x).shape)
+  def passes(v, x):
+    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), v, x)
+    grads = vjp(dy)
+    return y, grads if input_grad else grads[0]
+  return 1e3 * best_time(jax.jit(passes), variables, x, repeats=repeats)
 
 
 def torch_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:

@@ -17,8 +17,12 @@ Suites (figures printed as markdown tables and written to --out as JSON):
            its own process, rounds interleaved) on the same ResNet-20 step, with their ratio;
            needs the optional `torch` package, skipped with a message otherwise;
   convs    each stride-1 3x3 conv shape of ResNet-20, forward / input grad / weight grad one at
-           a time, XLA against PyTorch channels_last (if installed), and reformulations of the
+           a time: XLA, lps-jax's oneDNN custom calls (if built) and PyTorch channels_last (if
+           installed, oneDNN too), and reformulations of the
            weight gradient and forward (checked equal first): what bounds the CPU train step;
+  breakdown  one model's split train step (one device, all cores per call) and its parts timed
+           alone: data (gather + augment), optimizer, every conv pass, the rest (batch norm,
+           elementwise, loss), one program dispatch; for each --breakdown_impls;
   align    Eq. 5-8 over a population vs population size and G: models/s forward and
            forward+backward, GFLOP/s, % of the matmul, compiled memory per chunk;
   chunks   peak resident memory of a real `train_population` run (one epoch, its own process)
@@ -37,13 +41,14 @@ from experiments import bench_lib
 from lps_jax import data as data_lib
 from lps_jax import train_config
 
-SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'align', 'chunks')
+SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'breakdown', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
                   f'Which benchmarks to run, of {SUITES}.')
 flags.DEFINE_list('population_sizes', ['1', '8', '32'], 'Models per chunk (train suite).')
 flags.DEFINE_list('configs', ['default', 'loop/lax/1/fused', 'loop/lax/1/split', 'loop/lax/2/split',
                               'vmap/lax/1', 'unroll/lax/2', 'loop/lax_bf16/2/split'],
                   'Execution configs (train suite): default, or strategy/conv/devices[/step].')
+flags.DEFINE_list('breakdown_impls', ['lax', 'onednn'], 'Conv impls of the breakdown suite.')
 flags.DEFINE_list('device_counts', ['1', '2', '4', '8'], 'Devices (devices suite).')
 flags.DEFINE_integer('devices_population', 8, 'Population of the devices suite.')
 flags.DEFINE_string('devices_config', 'default', 'Config of the devices suite (its device count '
@@ -238,20 +243,25 @@ def convs_suite():
   """Each stride-1 3x3 conv shape of ResNet-20, one pass at a time: XLA against PyTorch's
   channels_last (oneDNN) kernels, and the weight gradient as shifted matmuls (what bounds the
   train step; BENCHMARKS.md)."""
-  with_torch = bench_lib.torch_available()
+  with_torch, with_onednn = bench_lib.torch_available(), bench_lib.onednn_available()
   if not with_torch:
-    print('\nconvs suite: PyTorch is not installed, XLA columns only (pip install torch).')
+    print('\nconvs suite: PyTorch is not installed, no torch columns (pip install torch).')
+  if not with_onednn:
+    print('\nconvs suite: the oneDNN extension is unavailable, no onednn columns '
+          '(pip install -e .[onednn]).')
   rows, passes = [], ('forward', 'input grad', 'weight grad')
   for side, cin, cout, count in bench_lib.RESNET20_CONVS:
     row = {'shape': f'{side}x{side} {cin}->{cout}', 'c_in': cin, 'count': count,
            'xla': bench_lib.xla_conv_ms(side, cin, cout, FLAGS.batch_size)}
+    if with_onednn:
+      row['onednn'] = bench_lib.onednn_conv_ms(side, cin, cout, FLAGS.batch_size)
     if with_torch:
       row['torch'] = bench_lib.torch_conv_ms(side, cin, cout, FLAGS.batch_size)
     rows.append(row)
   # A train step needs no input gradient of the first conv (its input is the image, c_in 3).
   needed = lambda r, p: r['count'] * (p != 'input grad' or r['c_in'] != 3)
   totals = {lib: {p: sum(needed(r, p) * r[lib][p] for r in rows) for p in passes}
-            for lib in ('xla', 'torch') if lib in rows[0]}
+            for lib in ('xla', 'onednn', 'torch') if lib in rows[0]}
   cols = [(lib, p) for lib in totals for p in passes]
   cols += [('xla', p) for p in rows[0]['xla'] if p not in passes]   # the reformulations
   print(f'\n### 3x3 convs of ResNet-20, batch {FLAGS.batch_size}, best of 5 (ms)\n')
@@ -264,6 +274,22 @@ def convs_suite():
         + ' | '.join(f'{totals[lib][p]:.0f}' if p in passes else '' for lib, p in cols) + ' |')
   sys.stdout.flush()
   return {'rows': rows, 'per_model_step_ms': totals, 'batch_size': FLAGS.batch_size}
+
+
+def breakdown_suite():
+  """Where one model's train step spends its time, for each conv impl."""
+  threads = len(os.sched_getaffinity(0))
+  rows = {impl: bench_lib.step_breakdown(impl, FLAGS.batch_size, threads)
+          for impl in FLAGS.breakdown_impls}
+  parts = list(next(iter(rows.values())))
+  print(f'\n### One model\'s train step, batch {FLAGS.batch_size}, one device, {threads} '
+        'threads per call, best of 5 (ms)\n')
+  print('| part | ' + ' | '.join(rows) + ' |')
+  print('|---|' + '---|' * len(rows))
+  for p in parts:
+    print(f'| {p} | ' + ' | '.join(f'{rows[i][p]:.1f}' for i in rows) + ' |')
+  sys.stdout.flush()
+  return {'rows': rows, 'threads': threads, 'batch_size': FLAGS.batch_size}
 
 
 def devices_suite(peak):
@@ -392,6 +418,7 @@ def main(argv):
   peak = results['matmul']['gflops']
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
             ('torch', lambda: torch_suite(peak)), ('convs', convs_suite),
+            ('breakdown', breakdown_suite),
             ('align', lambda: align_suite(peak)),
             ('chunks', chunks_suite)]
   for name, run in suites:

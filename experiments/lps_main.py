@@ -43,6 +43,9 @@ flags.DEFINE_string('data_dir', None, 'Offline data folder (train_*.npz + test.n
                     '$LPS_DATA_DIR.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir.')
 flags.DEFINE_integer('num_permutations', 10000, 'Permutation-test draws (transfer mode).')
+flags.DEFINE_string('compare_modelset', None, 'Tables 1-2: also run the same methods and splits '
+                    'on this model set, restricted to the tasks of --modelset, and print it '
+                    'beside (e.g. the CPU yardstick beside a partial ModelSet500).')
 flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.md and plots.')
 flags.DEFINE_string('cache_dir', 'runs/lps_cache', 'Content-addressed store of finished work '
                     '(trained second-order nets, transfer ARIs); empty = no cache.')
@@ -52,7 +55,7 @@ FLAGS = flags.FLAGS
 # Flags that determine the results besides the SecondOrderConfig (a results folder holds one
 # configuration).
 RUN_FLAGS = ('mode', 'modelset', 'methods', 'split_seeds', 'branches', 'test_tasks', 'dataset',
-             'num_permutations')
+             'num_permutations', 'compare_modelset')
 
 
 def _bar(total, desc):
@@ -103,6 +106,14 @@ def main(argv):
     branches = [int(b) for b in FLAGS.branches] if FLAGS.branches else None
     kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, FLAGS.methods,
                                                     branches)
+    compare = None
+    if FLAGS.compare_modelset:
+      if not mode.takes_methods:
+        raise ValueError(f'--compare_modelset is for the tables; {mode.name} mode takes one '
+                         'model set.')
+      other = lps_modes.load(mode, FLAGS.compare_modelset, config, FLAGS.methods, None)
+      compare = lps_modes.restrict(other[0], other[1], np.unique(task_id),
+                                   FLAGS.compare_modelset)
     out_dir = None
     if FLAGS.results_dir:
       run_config = {k: FLAGS[k].value for k in RUN_FLAGS}
@@ -116,7 +127,7 @@ def main(argv):
       ms, FLAGS.test_tasks, FLAGS.num_permutations,
       images=lps_modes.test_split_loader(FLAGS.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir),
       cache=results.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None)
-  bar = _bar(mode.fits(ctx), f'{mode.name}: second-order epochs')
+  bar = _bar(mode.fits(ctx) * (2 if compare else 1), f'{mode.name}: second-order epochs')
   ctx.progress = _progress(bar)
   if mode.name == 'transfer':
     feat_bar = _bar(len(ctx.seeds) * ctx.test_tasks, 'transfer: source tasks')
@@ -124,6 +135,8 @@ def main(argv):
   t0 = time.time()
   try:
     summary = mode.run(ctx)
+    if compare:
+      other_summary = mode.run(dataclasses.replace(ctx, kernels=compare[0], task_id=compare[1]))
   except (ValueError, FloatingPointError, data.DataError) as e:
     sys.exit(f'error: {e}')
   bar.close()
@@ -132,6 +145,9 @@ def main(argv):
          'config': dataclasses.asdict(config), 'split_seeds': ctx.seeds,
          'num_models': int(len(task_id)), 'num_tasks': num_tasks, 'chance': 1.0 / num_tasks,
          'wall_seconds': time.time() - t0, 'results': summary}
+  if compare:
+    res['compare'] = {'modelset': FLAGS.compare_modelset, 'num_models': int(len(compare[1])),
+                      'tasks': np.unique(compare[1]).tolist(), 'results': other_summary}
   text = lps_modes.render(res, out_dir.path if out_dir else None)
   if out_dir is not None:
     out_dir.write_json('results.json', res)

@@ -134,6 +134,7 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
   keys = (['top-1', 'top-5', 'top-10'] if mode == 'classification'
           else ['rank-1', 'rank-5', 'rank-10', 'mAP'])
   title = 'Table 1: task classification' if mode == 'classification' else 'Table 2: task retrieval'
+  title += res.get('title_suffix', '')
   lines = _header(title, res['command'], ['method'] + [f'{k} (%)' for k in keys]
                   + ['paper ' + '/'.join(keys[:3])])
   cites = []
@@ -225,9 +226,15 @@ MODES = {m.name: m for m in [
 def render(res: dict, results_dir: Optional[str]) -> str:
   """results.md of a finished run (and its PNG into `results_dir`, if given)."""
   text = MODES[res['mode']].render(res, results_dir)
-  return text + (f'\n{res["num_models"]} models, {res["num_tasks"]} tasks from '
-                 f'`{res["modelset"]}`; mean ± std over split seeds {res["split_seeds"]}; '
-                 f'{res["wall_seconds"]:.0f} s wall time (cached work counts as 0).\n')
+  text += (f'\n{res["num_models"]} models, {res["num_tasks"]} tasks from '
+           f'`{res["modelset"]}`; mean ± std over split seeds {res["split_seeds"]}; '
+           f'{res["wall_seconds"]:.0f} s wall time (cached work counts as 0).\n')
+  if 'compare' in res:   # the same methods, splits and tasks on a second model set
+    c = res['compare']
+    text += '\n' + render_table(dict(res, results=c['results'], title_suffix=(
+        f', the same {res["num_tasks"]} tasks of `{c["modelset"]}`')), None)
+    text += f'\n{c["num_models"]} models of `{c["modelset"]}` (tasks {c["tasks"]}).\n'
+  return text
 
 
 # -- validation and loading, in one place
@@ -262,6 +269,16 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
                      'conv layer).')
   kernels, _ = modelset.layer_kernels(ms, max(branches))
   return kernels, ms.task_id, ms, branches
+
+
+def restrict(kernels: list, task_id: np.ndarray, tasks, path: str) -> tuple[list, np.ndarray]:
+  """The models of `tasks` only (a second model set compared on the first one's tasks)."""
+  keep = np.isin(task_id, tasks)
+  absent = sorted(set(np.asarray(tasks).tolist()) - set(task_id[keep].tolist()))
+  if absent:
+    raise modelset.ModelSetError(f'{path} has no models of tasks {absent[:10]}, which the '
+                                 'compared model set holds; compare sets with the same tasks.')
+  return [k[keep] if k is not None else None for k in kernels], task_id[keep]
 
 
 def test_split_loader(dataset: str, data_dir: Optional[str], tfds_data_dir: Optional[str]):

@@ -18,25 +18,32 @@ from absl import app, flags, logging
 
 from experiments import flagdefs
 from lps_jax import data as data_lib
-from lps_jax import resnet, train_config
+from lps_jax.onednn.build import OneDNNUnavailable
+from lps_jax import resnet, slices, train_config
 
 flagdefs.define(train_config.TrainConfig)
 flagdefs.define(train_config.PopulationConfig, skip=('task_ids',))
 flagdefs.define(resnet.ResNetConfig, skip=('num_classes',))
 flagdefs.define(train_config.ExecutionConfig)
 flags.DEFINE_integer('num_tasks', 50, 'Tasks 0..num_tasks-1 (task r = fine labels 2r, 2r+1).')
-flags.DEFINE_list('task_ids', None, 'Explicit task ids (overrides --num_tasks), e.g. a range '
-                  'of tasks for one machine of several: models are independent.')
+flags.DEFINE_list('task_ids', None, 'Explicit task ids or ranges (overrides --num_tasks), e.g. '
+                  '0-9 for a slice of ModelSet500 on one machine of several: models are '
+                  'independent.')
 flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'Offline data folder (train_*.npz + test.npz) for --dataset=npz; default '
                     f'${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir (--dataset=tfds).')
 flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
                      'Simulated host devices when running on CPU.')
-flags.DEFINE_string('workdir', 'runs/modelset500', 'Checkpoints and the final model set.')
+flags.DEFINE_string('workdir', 'runs/modelset500/{slice}', 'Checkpoints and the final model '
+                    'set; {slice} becomes the tasks\' name, e.g. tasks_00-09.')
 flags.DEFINE_string('export_kernels', None,
-                    'If set, also write the first-layer kernels + metadata to this .npz.')
-flags.DEFINE_string('summary', None, 'If set, write a markdown summary (per-task accuracy).')
+                    'If set, also write the first-layer kernels + metadata to this .npz '
+                    '({slice} as in --workdir).')
+flags.DEFINE_string('summary', None, 'If set, write a markdown summary (per-task accuracy; '
+                    '{slice} as in --workdir).')
+flags.DEFINE_string('export_slice', None, 'If set, record the finished run as a slice under '
+                    'this folder (<folder>/tasks_AA-BB: kernels + record, lps_jax.slices).')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 flags.DEFINE_integer('stop_after_epochs', None, 'Train at most this many epochs in this '
                      'invocation, checkpoint and exit 0 (job time limits); rerun to resume.')
@@ -51,7 +58,7 @@ FLAGS = flags.FLAGS
 
 
 def build_config() -> train_config.PopulationConfig:
-  task_ids = (tuple(int(t) for t in FLAGS.task_ids) if FLAGS.task_ids
+  task_ids = (slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids
               else tuple(range(FLAGS.num_tasks)))
   return flagdefs.build(
       train_config.PopulationConfig, FLAGS, skip=('task_ids',), task_ids=task_ids,
@@ -66,24 +73,33 @@ class _DropOrbaxInfo(py_logging.Filter):
     return 'orbax' not in record.pathname or record.levelno >= 30
 
 
-def _write_outputs(result, wall, ex):
+def _paths(config) -> dict:
+  """--workdir / --export_kernels / --summary with {slice} filled in."""
+  name = slices.slice_name(config.task_ids)
+  return {k: FLAGS[k].value.replace('{slice}', name) if FLAGS[k].value else None
+          for k in ('workdir', 'export_kernels', 'summary')}
+
+
+def _write_outputs(result, wall, ex, paths, num_chunks):
   import jax
-  from lps_jax import modelset
-  with open(os.path.join(FLAGS.workdir, 'timing.json'), 'a') as f:
-    f.write(json.dumps({'wall_seconds': wall, 'backend': jax.default_backend(),
-                        'strategy': ex.strategy, 'conv_impl': ex.conv_impl, 'step': ex.step,
-                        'devices': ex.num_devices, 'argv': sys.argv[1:]}) + '\n')
-  if FLAGS.export_kernels:
-    modelset.export_kernels(FLAGS.export_kernels, result)
-    logging.info('first-layer kernels written to %s', FLAGS.export_kernels)
-  if FLAGS.summary:
-    with open(FLAGS.summary, 'w') as f:
+  from lps_jax import modelset, workdir
+  command = 'python -m experiments.train_population ' + ' '.join(sys.argv[1:])
+  wall = workdir.log_timing(paths['workdir'], wall, ex, sys.argv[1:])
+  if paths['export_kernels']:
+    modelset.export_kernels(paths['export_kernels'], result)
+    logging.info('first-layer kernels written to %s', paths['export_kernels'])
+  if FLAGS.export_slice:
+    folder = slices.export(FLAGS.export_slice, result, ex, wall, command,
+                           early=workdir.early_kernels(paths['workdir'], num_chunks))
+    logging.info('slice recorded in %s (check and merge: python -m experiments.slices)', folder)
+  if paths['summary']:
+    with open(paths['summary'], 'w') as f:
       f.write(modelset.markdown_summary(
           result, wall_seconds=wall,
           machine=f'{jax.default_backend()} ({jax.devices()[0].device_kind}, '
                   f'{os.cpu_count()} CPU cores)',
-          command='python -m experiments.train_population ' + ' '.join(sys.argv[1:])))
-    logging.info('summary written to %s', FLAGS.summary)
+          command=command))
+    logging.info('summary written to %s', paths['summary'])
 
 
 def main(argv):
@@ -102,11 +118,12 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     config = build_config()
+    paths = _paths(config)
     train_split, eval_split = data_lib.load(config.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir,
                                             classes=data_lib.task_classes(config.task_ids))
     execution = flagdefs.build(train_config.ExecutionConfig, FLAGS)
     pop_trainer = trainer.PopulationTrainer(config, execution, train_split, eval_split)
-  except (data_lib.DataError, ValueError) as e:
+  except (data_lib.DataError, ValueError, OneDNNUnavailable) as e:
     sys.exit(f'error: {e}')
   ex = pop_trainer.execution
   logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s step=%s '
@@ -118,9 +135,10 @@ def main(argv):
                pop_trainer.steps_per_epoch * config.train.epochs)
   t0 = time.time()
   try:
-    result = pop_trainer.train(FLAGS.workdir,
+    result = pop_trainer.train(paths['workdir'],
                                progress=FLAGS.progress and distributed.is_primary(),
-                               stop_after_epochs=FLAGS.stop_after_epochs)
+                               stop_after_epochs=FLAGS.stop_after_epochs,
+                               record_epochs=slices.RECORD_EPOCHS)
   except workdir.TrainingStopped as e:
     logging.info('%s', e)
     return
@@ -131,8 +149,8 @@ def main(argv):
   wall = time.time() - t0
   logging.info('done in %.0f s (this invocation): %d models, mean held-out accuracy %.3f; '
                'model set in %s', wall, len(result), float(result.heldout_accuracy.mean()),
-               workdir.modelset_dir(FLAGS.workdir))
-  _write_outputs(result, wall, ex)
+               workdir.modelset_dir(paths['workdir']))
+  _write_outputs(result, wall, ex, paths, len(pop_trainer.chunks()))
 
 
 if __name__ == '__main__':

@@ -249,14 +249,17 @@ def make_tasks(split: Split, task_ids: Sequence[int], holdout_fraction: float = 
 
   With `eval_split` (e.g. tfds train + test), training rows come from `split` and held-out
   rows from `eval_split`. Without it, each class of `split` is shuffled with `seed` and cut
-  into (1 - holdout_fraction) train / holdout_fraction held-out. Every task gets the same
+  into (1 - holdout_fraction) train / holdout_fraction held-out (each class's shuffle is seeded
+  by (seed, class), independent of the other tasks). Every task gets the same
   number of rows per class (the smallest class count), so tasks stack.
   """
   task_ids = _check_task_ids(task_ids, [split.labels] + ([eval_split.labels] if eval_split else []))
-  rng = np.random.default_rng(seed)
   per_class = {}
   for r in task_ids.tolist():
     for c in (2 * r, 2 * r + 1):
+      # One stream per (seed, class): a task's images and their order do not depend on which
+      # other tasks are trained with it, so slices of tasks equal one whole run.
+      rng = np.random.default_rng((seed, c))
       tr = _class_rows(split.labels, c, rng)
       ev = _class_rows(eval_split.labels, c, rng) if eval_split is not None else None
       per_class[c] = (tr, ev)

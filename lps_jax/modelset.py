@@ -195,8 +195,9 @@ def load_kernels(path: str, num_layers: int = 1) -> Kernels:
       with np.load(path) as f:
         config = json.loads(str(f['config']))
         names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
-        kernels = [np.asarray(f[f'kernel/{n}']) if f'kernel/{n}' in f.files else None
-                   for n in names[:num_layers]]
+        # Slices keep layers past the first as float16 (lps_jax.slices): read back as float32.
+        kernels = [np.asarray(f[f'kernel/{n}'], np.float32) if f'kernel/{n}' in f.files
+                   else None for n in names[:num_layers]]
         task_id = np.asarray(f['task_id'])
         run = np.asarray(f['run'])
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:

@@ -14,13 +14,16 @@ LPS aligns (19 for ResNet-20: conv1 + 18 block convs, no shortcuts, no dense) in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ('lax', 'im2col', 'lax_bf16')
+# lax: XLA's conv; im2col: patches @ kernel; lax_bf16: bfloat16 inputs, float32 accumulation;
+# onednn / onednn_bf16: the same conv as oneDNN custom calls (lps_jax.onednn, optional extra).
+CONV_IMPLS = ('lax', 'im2col', 'lax_bf16', 'onednn', 'onednn_bf16')
 
 
 def tuples_from_json(d: dict) -> dict:
@@ -76,16 +79,19 @@ def conv_kernels(params, config: ResNetConfig = ResNetConfig()) -> list[jax.Arra
   return [get_kernel(params, n) for n in conv_layer_names(config)]
 
 
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+  """XLA's 'SAME' padding of one spatial axis: the odd row / column goes to the high side."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + k - size, 0)
+  return total // 2, total - total // 2
+
+
 def _im2col_conv(x, kernel, stride: int):
   """'SAME'-padded conv as patches @ kernel: under vmap it is a batched matmul, not a grouped conv."""
   kh, kw, cin, cout = kernel.shape
   ho, wo = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-
-  def same_pad(size, out, k):  # XLA 'SAME': the extra row/column goes to the high side.
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
-
-  xp = jnp.pad(x, ((0, 0), same_pad(x.shape[1], ho, kh), same_pad(x.shape[2], wo, kw), (0, 0)))
+  xp = jnp.pad(x, ((0, 0), same_padding(x.shape[1], kh, stride),
+                   same_padding(x.shape[2], kw, stride), (0, 0)))
   cols = [xp[:, i:i + stride * ho:stride, j:j + stride * wo:stride, :]
           for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
@@ -93,12 +99,14 @@ def _im2col_conv(x, kernel, stride: int):
 
 
 class Conv(nn.Module):
-  """Bias-free conv with an HWIO `kernel`: `lax` conv, im2col + matmul (same result), or
-  `lax_bf16` (inputs and kernel rounded to bfloat16, float32 accumulation and output)."""
+  """Bias-free conv with an HWIO `kernel`: `lax` conv, im2col + matmul (same result),
+  `lax_bf16` (inputs and kernel rounded to bfloat16, float32 accumulation and output), or
+  `onednn` / `onednn_bf16` (the same in oneDNN, `threads` OpenMP threads per call)."""
   features: int
   kernel_size: int
   strides: int = 1
   impl: str = 'lax'
+  threads: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -106,6 +114,9 @@ class Conv(nn.Module):
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     if self.impl == 'im2col':
       return _im2col_conv(x, kernel, self.strides)
+    if self.impl in ('onednn', 'onednn_bf16'):
+      from lps_jax.onednn import conv as onednn_conv   # optional extra: imported when asked for
+      return onednn_conv.conv(x, kernel, self.strides, self.threads, self.impl == 'onednn_bf16')
     if self.impl not in ('lax', 'lax_bf16'):
       raise ValueError(f'unknown conv impl {self.impl!r}; choose from {CONV_IMPLS}.')
     if self.impl == 'lax_bf16':
@@ -119,17 +130,19 @@ class BasicBlock(nn.Module):
   features: int
   strides: int
   conv_impl: str = 'lax'
+  conv_threads: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                      epsilon=1e-5, name=name)
-    y = Conv(self.features, 3, self.strides, self.conv_impl, name='conv1')(x)
+    conv = functools.partial(Conv, impl=self.conv_impl, threads=self.conv_threads)
+    y = conv(self.features, 3, self.strides, name='conv1')(x)
     y = nn.relu(norm('bn1')(y))
-    y = Conv(self.features, 3, 1, self.conv_impl, name='conv2')(y)
+    y = conv(self.features, 3, 1, name='conv2')(y)
     y = norm('bn2')(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = Conv(self.features, 1, self.strides, self.conv_impl, name='shortcut_conv')(x)
+      x = conv(self.features, 1, self.strides, name='shortcut_conv')(x)
       x = norm('shortcut_bn')(x)
     return nn.relu(x + y)
 
@@ -138,17 +151,19 @@ class ResNet(nn.Module):
   """CIFAR ResNet; `features=True` returns the pooled features instead of the logits."""
   config: ResNetConfig = ResNetConfig()
   conv_impl: str = 'lax'
+  conv_threads: int = 0   # OpenMP threads per oneDNN conv call (0 = OpenMP's default)
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     cfg = self.config
-    x = Conv(cfg.widths[0], 3, 1, self.conv_impl, name='conv1')(x)
+    x = Conv(cfg.widths[0], 3, 1, self.conv_impl, self.conv_threads, name='conv1')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn1')(x)
     x = nn.relu(x)
     for s, (n_blocks, width) in enumerate(zip(cfg.blocks_per_stage, cfg.widths), start=1):
       for b in range(1, n_blocks + 1):
         strides = 2 if (s > 1 and b == 1) else 1
-        x = BasicBlock(width, strides, self.conv_impl, name=f'stage{s}_block{b}')(x, train)
+        x = BasicBlock(width, strides, self.conv_impl, self.conv_threads,
+                       name=f'stage{s}_block{b}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if features:
       return x

@@ -12,7 +12,10 @@ dataclasses, so a default is never written twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
+import os
 from typing import Optional
 
 import jax
@@ -28,8 +31,25 @@ STRATEGIES = ('loop', 'vmap', 'unroll')
 STEP_FORMULATIONS = ('fused', 'split')
 # Fastest correct (strategy, conv_impl, step) per backend, measured with
 # `python -m experiments.benchmark --suites=train` (BENCHMARKS.md).
-DEFAULT_EXECUTION = {'cpu': ('loop', 'lax', 'split'), 'gpu': ('vmap', 'lax', 'fused'),
+# On CPU the oneDNN convs are the default where the optional extra is installed (2.1x the lax
+# step, BENCHMARKS.md); without it, lax, and the log says why (`auto_conv_impl`).
+DEFAULT_EXECUTION = {'cpu': ('loop', 'onednn', 'split'), 'gpu': ('vmap', 'lax', 'fused'),
                      'tpu': ('vmap', 'lax', 'fused')}
+
+
+@functools.cache
+def auto_conv_impl(preferred: str) -> str:
+  """`preferred` if it can run here; oneDNN without its extra gives lax, said once in the log
+  (an explicit --conv_impl=onednn fails instead)."""
+  if not preferred.startswith('onednn'):
+    return preferred
+  from lps_jax.onednn import build, conv
+  try:
+    conv.load()
+    return preferred
+  except build.OneDNNUnavailable as e:
+    logging.warning('conv_impl auto: lax, not onednn (%s)', e)
+    return 'lax'
 
 
 def _help(text: str, **extra) -> dict:
@@ -124,7 +144,9 @@ class ExecutionConfig:
   conv_impl: str = dataclasses.field(
       default='auto', metadata=_help(
           'Conv formulation: lax, im2col (patches @ kernel), lax_bf16 (bfloat16 inputs, float32 '
-          'accumulation); auto = lax.', choices=('auto',) + resnet.CONV_IMPLS))
+          'accumulation), onednn / onednn_bf16 (oneDNN custom calls, CPU only, the optional '
+          'extra: pip install -e .[onednn]); auto = the fastest measured on this backend.',
+          choices=('auto',) + resnet.CONV_IMPLS))
   step: str = dataclasses.field(
       default='auto', metadata=_help(
           'fused: one program per step; split (loop strategy): forward + VJP, then backward + '
@@ -139,6 +161,9 @@ class ExecutionConfig:
       default=10, metadata=_help('Checkpoint the chunk in progress every N epochs.'))
   eval_every: int = dataclasses.field(
       default=10, metadata=_help('Held-out evaluation for the progress bar every N epochs.'))
+  conv_threads: int = dataclasses.field(
+      default=0, metadata=_help('OpenMP threads of each oneDNN conv call (--conv_impl=onednn*); '
+                                '0 = the cores divided by the devices running at once.'))
 
   def resolve(self, backend: Optional[str] = None) -> 'ExecutionConfig':
     """Fills in 'auto' for the backend and checks the combination."""
@@ -146,7 +171,7 @@ class ExecutionConfig:
     strategy, conv_impl, step = DEFAULT_EXECUTION.get(backend, ('loop', 'lax', 'fused'))
     explicit_strategy = self.strategy != 'auto'
     strategy = self.strategy if explicit_strategy else strategy
-    conv_impl = conv_impl if self.conv_impl == 'auto' else self.conv_impl
+    conv_impl = auto_conv_impl(conv_impl) if self.conv_impl == 'auto' else self.conv_impl
     if self.step != 'auto':
       step = self.step
     elif explicit_strategy and strategy != 'loop':
@@ -177,5 +202,14 @@ class ExecutionConfig:
     for name in ('models_per_chunk', 'checkpoint_every', 'eval_every'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
+    threads = self.conv_threads
+    if threads < 0:
+      raise ValueError(f'conv_threads must be >= 0 (0 = cores / devices), got {threads}.')
+    if conv_impl.startswith('onednn'):
+      if backend != 'cpu':
+        raise ValueError(f'--conv_impl={conv_impl} runs on the CPU; on {backend} use lax.')
+      from lps_jax.onednn import conv as onednn_conv
+      onednn_conv.load()   # OneDNNUnavailable (one line: what is missing) before any compile
+      threads = threads or max(1, len(os.sched_getaffinity(0)) // n_dev)
     return dataclasses.replace(self, strategy=strategy, conv_impl=conv_impl, step=step,
-                               num_devices=n_dev)
+                               num_devices=n_dev, conv_threads=threads)

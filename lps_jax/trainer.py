@@ -51,7 +51,8 @@ class PopulationTrainer:
     self.batch_sizes = config.train.batch_sizes(self.tasks.train_idx.shape[1])
     self.steps_per_epoch = config.train.steps_per_epoch(self.tasks.train_idx.shape[1])
     self.tx = make_optimizer(config.train, self.steps_per_epoch)
-    self.model = resnet.ResNet(config.model, conv_impl=ex.conv_impl)
+    self.model = resnet.ResNet(config.model, conv_impl=ex.conv_impl,
+                               conv_threads=ex.conv_threads)
     self.population = pop = popmap.Population(ex.strategy, popmap.make_mesh(ex.num_devices))
     self.chunk_size = pop.padded_size(ex.models_per_chunk)
     if self.chunk_size != ex.models_per_chunk:
@@ -127,12 +128,15 @@ class PopulationTrainer:
   # -- public API
   def train(self, path: str, progress: bool = True,
             on_epoch_end: Optional[Callable[[int, int], None]] = None,
-            stop_after_epochs: Optional[int] = None) -> modelset.ModelSet:
+            stop_after_epochs: Optional[int] = None,
+            record_epochs: Optional[int] = None) -> modelset.ModelSet:
     """Trains every chunk not yet finished in work directory `path`; returns the model set.
 
     `on_epoch_end(chunk_index, epochs_done)` is called after each epoch (and its checkpoint).
     `stop_after_epochs=N`: after N epochs trained in this call, checkpoint and raise
     `TrainingStopped` (for job time limits; a rerun resumes there, on any device count).
+    `record_epochs=E`: keep each model's first-layer kernel after epoch E in the workdir
+    (`workdir.early_kernels`; the slices' replay check).
     With several processes every process calls this; only process 0 writes model sets.
     """
     if distributed.is_primary():
@@ -162,7 +166,8 @@ class PopulationTrainer:
           models_done += chunk.n_real
           bar.update(epochs)
           continue
-        result = self._train_chunk(chunk, ckpt, bar, models_done, on_epoch_end, budget)
+        result = self._train_chunk(chunk, ckpt, bar, models_done, on_epoch_end, budget, path,
+                                   record_epochs)
         if distributed.is_primary():
           modelset.save(finished, result)
           shutil.rmtree(ckpt, ignore_errors=True)
@@ -193,8 +198,30 @@ class PopulationTrainer:
           'count). Rerun with the chunk size of the first run (see its log), or a new --workdir.')
     return done
 
+  def _epoch(self, state, epoch: int, keys, tr_idx, tr_lab):
+    """One epoch of a placed chunk: (state, mean training loss per model)."""
+    losses = []
+    for step, size in enumerate(self.batch_sizes):
+      state, metrics = self._steps[size](state, keys, tr_idx, tr_lab, self.images,
+                                         np.int32(epoch), np.int32(step))
+      losses.append(metrics)  # Read back once per epoch: no host round trip per step.
+    return state, np.mean([self.population.gather(m)['loss'] for m in losses], axis=0)
+
+  def replay(self, task_id: int, run: int, epochs: int) -> dict:
+    """The host state of model (task_id, run) after its first `epochs` epochs, computed as
+    `train` computes it (on CPU: bit for bit), without touching any work directory."""
+    models = self.config.models()
+    if (task_id, run) not in models:
+      raise ValueError(f'model (task {task_id}, run {run}) is not in this population.')
+    chunk = Chunk(-1, np.full(self.chunk_size, models.index((task_id, run))), 1)
+    _, _, host_keys, (keys, tr_idx, tr_lab, _, _) = self.chunk_inputs(chunk)
+    state = self.population.place(self.initial_state(host_keys))
+    for epoch in range(epochs):
+      state, _ = self._epoch(state, epoch, keys, tr_idx, tr_lab)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], self.population.gather(state))
+
   def _train_chunk(self, chunk: Chunk, ckpt: str, bar, models_done: int, on_epoch_end,
-                   budget: dict) -> modelset.ModelSet:
+                   budget: dict, path: str, record_epochs: Optional[int]) -> modelset.ModelSet:
     pop = self.population
     tasks, runs, host_keys, (keys, tr_idx, tr_lab, ev_idx, ev_lab) = self.chunk_inputs(chunk)
     workdir.check_chunk_plan(ckpt, chunk.index, self.chunk_size, chunk.rows.tolist())
@@ -209,12 +236,8 @@ class PopulationTrainer:
     bar.update(start_epoch)
     epochs = self.config.train.epochs
     for epoch in range(start_epoch, epochs):
-      losses = []
-      for step, size in enumerate(self.batch_sizes):
-        state, metrics = self._steps[size](state, keys, tr_idx, tr_lab, self.images,
-                                           np.int32(epoch), np.int32(step))
-        losses.append(metrics)  # Read back once per epoch: no host round trip per step.
-      loss = np.mean([pop.gather(m)['loss'] for m in losses], axis=0)[:chunk.n_real]
+      state, loss = self._epoch(state, epoch, keys, tr_idx, tr_lab)
+      loss = loss[:chunk.n_real]
       if not np.all(np.isfinite(loss)):
         bad = [f'task {tasks[i]} run {runs[i]}' for i in np.flatnonzero(~np.isfinite(loss))]
         raise TrainingError(
@@ -230,6 +253,9 @@ class PopulationTrainer:
       if budget['left'] is not None:
         budget['left'] -= 1
       stop = budget['left'] is not None and budget['left'] <= 0
+      if done == record_epochs and distributed.is_primary():
+        workdir.save_early_kernels(path, chunk.index, np.asarray(
+            pop.gather(state)['params']['conv1']['kernel'])[:chunk.n_real])
       if done < epochs and (done % self.execution.checkpoint_every == 0 or stop):
         mngr.save(done, args=ocp.args.StandardSave(pop.gather(state)))
         mngr.wait_until_finished()

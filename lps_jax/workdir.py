@@ -4,6 +4,7 @@
   chunks/chunk_NNNNN/       finished chunks, each a model set (lps_jax.modelset)
   ckpt/chunk_NNNNN/         the chunk in progress: chunk.json (its plan) + orbax checkpoints
   modelset/                 the final model set, once every chunk is done
+  early/chunk_NNNNN.npy     each model's first-layer kernel after `record_epochs` epochs
 
 Every write is atomic (temporary name + rename), so a process killed at any moment leaves the
 last complete checkpoint and every finished chunk readable.
@@ -47,7 +48,8 @@ def remove_partial_writes(path: str) -> list[str]:
   import glob
   import shutil
   stale = [p for pattern in ('chunks/*.tmp-*', 'chunks/*.old-*', 'modelset.tmp-*',
-                             'modelset.old-*', '*.json.tmp*', 'ckpt/*/chunk.json.tmp*')
+                             'modelset.old-*', '*.json.tmp*', 'ckpt/*/chunk.json.tmp*',
+                             'early/.chunk_*.tmp*')
            for p in glob.glob(os.path.join(path, pattern))]
   for p in stale:
     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -59,6 +61,47 @@ def write_json_atomic(path: str, obj: Any) -> None:
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
   os.replace(tmp, path)
+
+
+def save_early_kernels(workdir: str, index: int, kernels) -> None:
+  """Keeps a chunk's first-layer kernels at the record epoch (atomic)."""
+  import numpy as np
+  folder = os.path.join(workdir, 'early')
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f'.chunk_{index:05d}.tmp{os.getpid()}.npy')
+  np.save(tmp, kernels)
+  os.replace(tmp, os.path.join(folder, f'chunk_{index:05d}.npy'))
+
+
+def early_kernels(workdir: str, num_chunks: int):
+  """The recorded early first-layer kernels of all chunks in model order, or None if a chunk
+  has none (trained before the trainer recorded them, or resumed past the record epoch)."""
+  import numpy as np
+  paths = [os.path.join(workdir, 'early', f'chunk_{i:05d}.npy') for i in range(num_chunks)]
+  if not all(os.path.isfile(p) for p in paths):
+    return None
+  return np.concatenate([np.load(p) for p in paths])
+
+
+def log_timing(workdir: str, wall_seconds: float, execution, argv) -> float:
+  """Appends this invocation to timing.json (one JSON line each, with how it ran); returns
+  the wall time of all invocations so far (a resumed run's total)."""
+  import dataclasses
+  path = os.path.join(workdir, 'timing.json')
+  with open(path, 'a') as f:
+    f.write(json.dumps({'wall_seconds': wall_seconds, 'backend': jax.default_backend(),
+                        'strategy': execution.strategy, 'conv_impl': execution.conv_impl,
+                        'step': execution.step, 'devices': execution.num_devices,
+                        'execution': dataclasses.asdict(execution), 'argv': list(argv)}) + '\n')
+  return sum(entry['wall_seconds'] for entry in read_timing(workdir))
+
+
+def read_timing(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'timing.json')
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def check_config(workdir: str, config: PopulationConfig) -> None:

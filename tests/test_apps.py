@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 
+from conftest import onednn_available
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,9 +56,10 @@ def test_lps_main_bad_model_sets(tmp_path):
 
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'b.json'
-  r = _run('experiments.benchmark', '--suites=align,convs', '--align_sizes=3',
+  impls = ['lax'] + (['onednn'] if onednn_available() else [])
+  r = _run('experiments.benchmark', '--suites=align,convs,breakdown', '--align_sizes=3',
            '--align_filters=2', '--align_chunk=2', '--matmul_size=64', '--num_cpu_devices=1',
-           '--batch_size=2', f'--out={out}')
+           '--batch_size=2', f'--breakdown_impls={",".join(impls)}', f'--out={out}')
   assert r.returncode == 0, r.stderr[-2000:]
   import json
   res = json.load(open(out))
@@ -68,5 +71,11 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert [row['count'] for row in convs['rows']] == [1, 6, 5, 5]
   assert all(v > 0 for row in convs['rows'] for v in row['xla'].values())
   assert convs['per_model_step_ms']['xla']['weight grad'] > 0
+  if 'onednn' in impls:   # beside XLA, each pass checked equal to XLA's first
+    assert convs['per_model_step_ms']['onednn']['weight grad'] > 0
+  for impl in impls:
+    parts = res['breakdown']['rows'][impl]
+    assert all(parts[k] > 0 for k in ('step', 'convs (all passes)', 'optimizer update',
+                                      'data (gather + augment)'))
   r = _run('experiments.benchmark', '--suites=nope', f'--out={out}')
   assert r.returncode != 0 and 'unknown suites' in r.stderr

@@ -1,12 +1,14 @@
 """The per-model step: split == fused, every strategy == the plain per-model step, epochs cover
 every training image once (the partial last batch included), config checks."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import onednn_available, requires_onednn
 from lps_jax import data, popmap, resnet, train_step, trainer
 from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
 
@@ -44,7 +46,10 @@ def test_epoch_batches_cover_every_image_once():
 
 @pytest.mark.parametrize('strategy,conv_impl,devices,step', [
     ('loop', 'lax', 1, 'fused'), ('loop', 'lax', 2, 'split'), ('vmap', 'lax', 2, 'fused'),
-    ('vmap', 'im2col', 1, 'fused'), ('unroll', 'lax', 2, 'fused')])
+    ('vmap', 'im2col', 1, 'fused'), ('unroll', 'lax', 2, 'fused'),
+    pytest.param('loop', 'onednn', 2, 'split', marks=requires_onednn),
+    pytest.param('vmap', 'onednn', 1, 'fused', marks=requires_onednn),
+    pytest.param('unroll', 'onednn', 2, 'fused', marks=requires_onednn)])
 def test_population_step_equals_per_model_step(splits, strategy, conv_impl, devices, step):
   tr = trainer.PopulationTrainer(
       _config(), ExecutionConfig(strategy, conv_impl, step, 4, devices), *splits)
@@ -100,7 +105,10 @@ def test_split_step_is_the_fused_step():
 
 def test_execution_config_checks():
   cpu = ExecutionConfig().resolve('cpu')
-  assert (cpu.strategy, cpu.conv_impl, cpu.step) == ('loop', 'lax', 'split')
+  conv = 'onednn' if onednn_available() else 'lax'   # the extra is optional (README)
+  assert (cpu.strategy, cpu.conv_impl, cpu.step) == ('loop', conv, 'split')
+  if conv == 'onednn':
+    assert cpu.conv_threads == max(1, len(os.sched_getaffinity(0)) // cpu.num_devices)
   assert ExecutionConfig().resolve('gpu').step == 'fused'
   assert ExecutionConfig('unroll').resolve('cpu').step == 'fused'
   with pytest.raises(ValueError, match='--step=split runs with --strategy=loop'):

@@ -1,0 +1,118 @@
+"""ModelSet500 slices: slices of tasks equal one whole run bit for bit, the manifest refuses
+what would mix model sets, the merge feeds lps_main, a replay reproduces a recorded model."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from lps_jax import data, modelset, resnet, slices, trainer, workdir
+from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
+
+TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
+EX = ExecutionConfig(models_per_chunk=2)          # the CPU default: loop, split, 2 devices
+
+
+@pytest.fixture(scope='module')
+def splits(data_dir):
+  return data.load('npz', data_dir, classes=data.task_classes(range(5)))
+
+
+def _config(tasks, seed=0):
+  return PopulationConfig(task_ids=tuple(tasks), runs_per_task=2, dataset='npz', model=TINY,
+                          seed=seed, train=TrainConfig(epochs=3, batch_size=250,
+                                                       lr_boundaries=(2,)))
+
+
+def _train_slice(tasks, splits, tmp, root, seed=0):
+  tr = trainer.PopulationTrainer(_config(tasks, seed), EX, *splits)
+  wd = str(tmp / f'wd_{slices.slice_name(tasks)}_{seed}')
+  result = tr.train(wd, progress=False, record_epochs=slices.RECORD_EPOCHS)
+  ex = tr.execution
+  return slices.export(str(root), result, ex, 1.0, 'test',
+                       early=workdir.early_kernels(wd, len(tr.chunks())))
+
+
+@pytest.fixture(scope='module')
+def sliced(splits, tmp_path_factory):
+  """Tasks 0-2 as two slices (0-1 and 2) and as one run."""
+  tmp = tmp_path_factory.mktemp('slices')
+  root = tmp / 'root'
+  _train_slice((0, 1), splits, tmp, root)
+  _train_slice((2,), splits, tmp, root)
+  whole = trainer.PopulationTrainer(_config((0, 1, 2)), EX, *splits).train(
+      str(tmp / 'whole'), progress=False)
+  return root, whole, tmp
+
+
+def test_task_ranges_and_names():
+  assert slices.parse_task_ids(['0-3', '7']) == (0, 1, 2, 3, 7)
+  assert slices.slice_name((0, 1, 2, 3)) == 'tasks_00-03'
+  assert slices.slice_name((0, 1, 5)) == 'tasks_00-01_05-05'
+  for bad, msg in ((['3-1'], 'empty'), (['a'], 'ranges A-B'), (['0-2', '1'], 'twice')):
+    with pytest.raises(slices.SliceError, match=msg):
+      slices.parse_task_ids(bad)
+
+
+def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
+  root, whole, _ = sliced
+  out = str(tmp_path / 'merged.npz')
+  manifest = slices.merge(str(root), out, stage1=True)
+  assert manifest['tasks'] == [0, 1, 2] and manifest['num_models'] == 6
+  assert manifest['missing'] == list(range(3, 50)) and manifest['backends'] == ['cpu']
+  kernels = modelset.load_kernels(out, num_layers=3)
+  np.testing.assert_array_equal(kernels.task_id, whole.task_id)
+  np.testing.assert_array_equal(kernels.run, whole.run)
+  np.testing.assert_array_equal(kernels.kernels[0], whole.params['conv1']['kernel'])
+  deeper = resnet.get_kernel(whole.params, kernels.names[1])
+  np.testing.assert_array_equal(kernels.kernels[1], np.asarray(deeper, np.float16))
+  with np.load(os.path.join(root, 'tasks_00-01', 'kernels.npz')) as f:
+    np.testing.assert_array_equal(f['dense/kernel'], whole.params['dense']['kernel'][:4])
+  record = json.load(open(os.path.join(root, 'tasks_02-02', 'slice.json')))
+  assert record['tasks'] == [2] and record['execution']['conv_impl'] == 'lax'
+  assert record['hardware']['backend'] == 'cpu' and record['versions']['jax']
+  text = slices.manifest_markdown(manifest)
+  assert 'tasks_00-01' in text and '3 of 50 tasks' in text
+
+
+def test_manifest_refuses_what_would_mix_model_sets(sliced, splits, tmp_path):
+  root, _, tmp = sliced
+  bad = tmp_path / 'bad'
+  shutil.copytree(root, bad)
+  _train_slice((4,), splits, tmp, bad)            # tasks 3 missing below 4
+  with pytest.raises(slices.SliceError, match=r'tasks \[3\] are missing'):
+    slices.check(str(bad))
+  assert slices.check(str(bad), allow_gaps=True)['tasks'] == [0, 1, 2, 4]
+  shutil.rmtree(bad / 'tasks_04-04')
+  shutil.copytree(bad / 'tasks_02-02', bad / 'tasks_02-02_again')
+  with pytest.raises(slices.SliceError, match='task 2 is in two slices'):
+    slices.check(str(bad))
+  shutil.rmtree(bad / 'tasks_02-02_again')
+  _train_slice((3,), splits, tmp, bad, seed=1)     # another recipe (seed)
+  with pytest.raises(slices.SliceError, match='another recipe.*seed'):
+    slices.check(str(bad))
+  shutil.rmtree(bad / 'tasks_03-03')
+  npz = bad / 'tasks_02-02' / 'kernels.npz'
+  npz.write_bytes(npz.read_bytes()[:-10])          # truncated after export
+  with pytest.raises(slices.SliceError, match='does not match the digest'):
+    slices.check(str(bad))
+  (bad / 'tasks_02-02' / 'slice.json').unlink()
+  with pytest.raises(slices.SliceError, match='slice.json is missing'):
+    slices.check(str(bad))
+  with pytest.raises(slices.SliceError, match='no slices folder'):
+    slices.check(str(tmp_path / 'nowhere'))
+
+
+def test_replay_reproduces_a_recorded_model(sliced, data_dir):
+  root, _, _ = sliced
+  folder = os.path.join(root, 'tasks_00-01')
+  early = slices.replay_check(folder, data_dir, (1, 1))
+  assert early['epochs'] == slices.RECORD_EPOCHS and early['bitwise_expected']
+  assert early['equal'], early
+  final = slices.replay_check(folder, data_dir, (0, 0), epochs=3)
+  assert final['equal'], final
+  with pytest.raises(slices.SliceError, match='records the first layer after epochs'):
+    slices.replay_check(folder, data_dir, (0, 0), epochs=1)
+  with pytest.raises(slices.SliceError, match='no model of task 5'):
+    slices.replay_check(folder, data_dir, (5, 0))
