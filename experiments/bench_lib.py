@@ -50,10 +50,16 @@ def parse_config(spec: str) -> train_config.ExecutionConfig:
   return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2])).resolve()
 
 
+def bench_tasks(size: int, task_ids=None) -> tuple[int, ...]:
+  """The tasks of a benchmark population of `size` models: `task_ids`, or 0.. (<= 50)."""
+  return tuple(task_ids) if task_ids else tuple(range(min(size, 50)))
+
+
 def make_trainer(size: int, ex: train_config.ExecutionConfig, batch_size: int,
-                 splits) -> trainer.PopulationTrainer:
-  """A trainer whose first chunk holds `size` ResNet-20s (tasks 0.., runs as needed)."""
-  tasks = tuple(range(min(size, 50)))
+                 splits, task_ids=None) -> trainer.PopulationTrainer:
+  """A trainer whose first chunk holds `size` ResNet-20s (tasks as `bench_tasks`, runs as
+  needed)."""
+  tasks = bench_tasks(size, task_ids)
   cfg = train_config.PopulationConfig(
       task_ids=tasks, runs_per_task=-(-size // len(tasks)), dataset='npz',
       train=train_config.TrainConfig(batch_size=batch_size))
@@ -334,6 +340,6 @@ def torch_available() -> bool:
   return importlib.util.find_spec('torch') is not None
 
 
-def load_splits(data_dir, size: int):
+def load_splits(data_dir, size: int, task_ids=None):
   """Train / held-out splits with the classes of a population of `size` models."""
-  return data.load('npz', data_dir, classes=data.task_classes(range(min(size, 50))))
+  return data.load('npz', data_dir, classes=data.task_classes(bench_tasks(size, task_ids)))

@@ -72,6 +72,9 @@ flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
                      'measures what it runs; the devices suite needs more, e.g. 8).')
 flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'Offline data folder (train_*.npz + test.npz); default ${data_lib.DATA_DIR_ENV}.')
+flags.DEFINE_list('task_ids', None, 'Training suites: the tasks (ranges A-B) populations '
+                  'draw their models from, runs as needed; default 0.. (a staged data folder '
+                  'holds only its tasks: experiments.slices).')
 flags.DEFINE_string('out', 'benchmark_results.json', 'Where to write the JSON figures.')
 FLAGS = flags.FLAGS
 
@@ -132,7 +135,7 @@ def _measure_train(size, spec, splits, peak):
 def _measure_train_or_raise(size, ex, splits, peak, row):
   import jax
   t0 = time.perf_counter()
-  tr = bench_lib.make_trainer(size, ex, FLAGS.batch_size, splits)
+  tr = bench_lib.make_trainer(size, ex, FLAGS.batch_size, splits, _task_ids())
   cost = bench_lib.step_cost(tr)
   # Simulated CPU devices share the host's RAM; a GPU has its own.
   need = (cost['step_memory_bytes_per_device'] or 0) * (
@@ -168,9 +171,14 @@ _TRAIN_COLS = [
 ]
 
 
+def _task_ids():
+  from lps_jax import slices
+  return slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids else None
+
+
 def _splits(size):
   try:
-    return bench_lib.load_splits(FLAGS.data_dir, size)
+    return bench_lib.load_splits(FLAGS.data_dir, size, _task_ids())
   except data_lib.DataError as e:
     sys.exit(f'error: {e}')
 

@@ -4,6 +4,7 @@
   python -m experiments.slices --action=export --workdir=runs/modelset500/tasks_00-00
   python -m experiments.slices --action=replay --slice=results/modelset500/tasks_00-00 \
       --model=0:3                                    # retrain task 0 run 3, compare bit for bit
+  python -m experiments.slices --action=stage --task_ids=10-49   # images for a lent GPU
 
 check / merge: every slice under --root readable and matching its digest, one recipe for all,
 no task twice, no gaps (unless --allow_gaps); writes --out (the tasks present, in the format of
@@ -12,6 +13,7 @@ export: records a finished train_population workdir as a slice (what --export_sl
 end of a run). replay: retrains one model of a slice from its record on this machine for
 --replay_epochs (default: the recorded early epochs if the slice has them, else all) and
 compares its first layer with the slice's; bitwise on CPU with the slice's conv impl.
+stage: the tasks' images in parts of <= --part_mib for a device call (lps_jax.stage).
 """
 import json
 import os
@@ -20,9 +22,11 @@ import sys
 from absl import app, flags
 
 from lps_jax import data as data_lib
+from lps_jax import manifest as manifest_lib
 from lps_jax import slices
 
-flags.DEFINE_enum('action', 'merge', ['check', 'merge', 'export', 'replay'], 'What to do.')
+flags.DEFINE_enum('action', 'merge', ['check', 'merge', 'export', 'replay', 'stage'],
+                  'What to do.')
 flags.DEFINE_string('root', 'results/modelset500', 'The folder of the slices (tasks_* folders).')
 flags.DEFINE_string('out', 'results/modelset500/first_layer_kernels.npz',
                     'merge: the kernels file of the tasks present.')
@@ -36,16 +40,20 @@ flags.DEFINE_integer('replay_epochs', None, 'replay: epochs to retrain (default:
 flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'replay: offline data folder; default ${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_integer('num_cpu_devices', 2, 'replay: simulated CPU devices (as the slice ran).')
+flags.DEFINE_list('task_ids', None, 'stage: the tasks (ranges A-B) whose images to stage.')
+flags.DEFINE_string('stage_dir', '.stage', 'stage: where the parts go (git-ignored; a device '
+                    'call carries one part: experiments/scripts/gpu_slices.sh).')
+flags.DEFINE_float('part_mib', 56, 'stage: the most MiB of images in one part.')
 FLAGS = flags.FLAGS
 
 
 def _merge(check_only: bool) -> None:
   if check_only:
-    manifest = slices.check(FLAGS.root, allow_gaps=FLAGS.allow_gaps)
+    manifest = manifest_lib.check(FLAGS.root, allow_gaps=FLAGS.allow_gaps)
   else:
-    manifest = slices.merge(FLAGS.root, FLAGS.out, stage1=FLAGS.stage1,
-                            allow_gaps=FLAGS.allow_gaps)
-  text = slices.manifest_markdown(manifest)
+    manifest = manifest_lib.merge(FLAGS.root, FLAGS.out, stage1=FLAGS.stage1,
+                                  allow_gaps=FLAGS.allow_gaps)
+  text = manifest_lib.manifest_markdown(manifest)
   with open(os.path.join(FLAGS.root, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=1)
   with open(os.path.join(FLAGS.root, 'manifest.md'), 'w') as f:
@@ -70,6 +78,17 @@ def _export() -> None:
                          'python -m experiments.train_population ' + ' '.join(timing[-1]['argv']),
                          early=workdir.early_kernels(FLAGS.workdir, chunks))
   print(f'slice written to {folder}')
+
+
+def _stage() -> None:
+  from lps_jax import stage
+  if not FLAGS.task_ids:
+    raise slices.SliceError('--action=stage needs --task_ids (e.g. 10-49).')
+  out = stage.stage(FLAGS.data_dir, slices.parse_task_ids(FLAGS.task_ids), FLAGS.stage_dir,
+                    FLAGS.part_mib)
+  for p in out['parts']:
+    print(f'{FLAGS.stage_dir}/{p["folder"]}: tasks {p["tasks"][0]}-{p["tasks"][-1]}, '
+          f'{p["bytes"] / 2**20:.1f} MiB')
 
 
 def _replay() -> None:
@@ -97,6 +116,8 @@ def main(argv):
       _merge(FLAGS.action == 'check')
     elif FLAGS.action == 'export':
       _export()
+    elif FLAGS.action == 'stage':
+      _stage()
     else:
       _replay()
   except (slices.SliceError, data_lib.DataError, ValueError) as e:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lps_jax import data, modelset, resnet, slices, trainer, workdir
+from lps_jax import data, manifest, modelset, resnet, slices, trainer, workdir
 from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
 
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
@@ -58,9 +58,9 @@ def test_task_ranges_and_names():
 def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
   root, whole, _ = sliced
   out = str(tmp_path / 'merged.npz')
-  manifest = slices.merge(str(root), out, stage1=True)
-  assert manifest['tasks'] == [0, 1, 2] and manifest['num_models'] == 6
-  assert manifest['missing'] == list(range(3, 50)) and manifest['backends'] == ['cpu']
+  m = manifest.merge(str(root), out, stage1=True)
+  assert m['tasks'] == [0, 1, 2] and m['num_models'] == 6
+  assert m['missing'] == list(range(3, 50)) and m['backends'] == ['cpu']
   kernels = modelset.load_kernels(out, num_layers=3)
   np.testing.assert_array_equal(kernels.task_id, whole.task_id)
   np.testing.assert_array_equal(kernels.run, whole.run)
@@ -72,7 +72,7 @@ def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
   record = json.load(open(os.path.join(root, 'tasks_02-02', 'slice.json')))
   assert record['tasks'] == [2] and record['execution']['conv_impl'] == 'lax'
   assert record['hardware']['backend'] == 'cpu' and record['versions']['jax']
-  text = slices.manifest_markdown(manifest)
+  text = manifest.manifest_markdown(m)
   assert 'tasks_00-01' in text and '3 of 50 tasks' in text
 
 
@@ -82,26 +82,26 @@ def test_manifest_refuses_what_would_mix_model_sets(sliced, splits, tmp_path):
   shutil.copytree(root, bad)
   _train_slice((4,), splits, tmp, bad)            # tasks 3 missing below 4
   with pytest.raises(slices.SliceError, match=r'tasks \[3\] are missing'):
-    slices.check(str(bad))
-  assert slices.check(str(bad), allow_gaps=True)['tasks'] == [0, 1, 2, 4]
+    manifest.check(str(bad))
+  assert manifest.check(str(bad), allow_gaps=True)['tasks'] == [0, 1, 2, 4]
   shutil.rmtree(bad / 'tasks_04-04')
   shutil.copytree(bad / 'tasks_02-02', bad / 'tasks_02-02_again')
   with pytest.raises(slices.SliceError, match='task 2 is in two slices'):
-    slices.check(str(bad))
+    manifest.check(str(bad))
   shutil.rmtree(bad / 'tasks_02-02_again')
   _train_slice((3,), splits, tmp, bad, seed=1)     # another recipe (seed)
   with pytest.raises(slices.SliceError, match='another recipe.*seed'):
-    slices.check(str(bad))
+    manifest.check(str(bad))
   shutil.rmtree(bad / 'tasks_03-03')
   npz = bad / 'tasks_02-02' / 'kernels.npz'
   npz.write_bytes(npz.read_bytes()[:-10])          # truncated after export
   with pytest.raises(slices.SliceError, match='does not match the digest'):
-    slices.check(str(bad))
+    manifest.check(str(bad))
   (bad / 'tasks_02-02' / 'slice.json').unlink()
   with pytest.raises(slices.SliceError, match='slice.json is missing'):
-    slices.check(str(bad))
+    manifest.check(str(bad))
   with pytest.raises(slices.SliceError, match='no slices folder'):
-    slices.check(str(tmp_path / 'nowhere'))
+    manifest.check(str(tmp_path / 'nowhere'))
 
 
 def test_replay_reproduces_a_recorded_model(sliced, data_dir):
