@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lps_jax.onednn import conv as onednn_conv   # built and loaded only when used
+from lps_jax.onednn.conv import same_padding
+
 # lax: XLA's conv; im2col: patches @ kernel; lax_bf16: bfloat16 inputs, float32 accumulation;
 # onednn / onednn_bf16: the same conv as oneDNN custom calls (lps_jax.onednn, optional extra).
 CONV_IMPLS = ('lax', 'im2col', 'lax_bf16', 'onednn', 'onednn_bf16')
@@ -79,13 +82,6 @@ def conv_kernels(params, config: ResNetConfig = ResNetConfig()) -> list[jax.Arra
   return [get_kernel(params, n) for n in conv_layer_names(config)]
 
 
-def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
-  """XLA's 'SAME' padding of one spatial axis: the odd row / column goes to the high side."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + k - size, 0)
-  return total // 2, total - total // 2
-
-
 def _im2col_conv(x, kernel, stride: int):
   """'SAME'-padded conv as patches @ kernel: under vmap it is a batched matmul, not a grouped conv."""
   kh, kw, cin, cout = kernel.shape
@@ -115,7 +111,6 @@ class Conv(nn.Module):
     if self.impl == 'im2col':
       return _im2col_conv(x, kernel, self.strides)
     if self.impl in ('onednn', 'onednn_bf16'):
-      from lps_jax.onednn import conv as onednn_conv   # optional extra: imported when asked for
       return onednn_conv.conv(x, kernel, self.strides, self.threads, self.impl == 'onednn_bf16')
     if self.impl not in ('lax', 'lax_bf16'):
       raise ValueError(f'unknown conv impl {self.impl!r}; choose from {CONV_IMPLS}.')

@@ -54,6 +54,10 @@ def parse_task_ids(items: Sequence[str]) -> tuple[int, ...]:
     out.extend(ids)
   if len(set(out)) != len(out):
     raise SliceError(f'--task_ids {",".join(items)} names a task twice.')
+  outside = [t for t in out if not 0 <= t < NUM_TASKS]
+  if outside:
+    raise SliceError(f'--task_ids: task {outside[0]} is outside 0-{NUM_TASKS - 1} (task r = '
+                     'fine labels 2r, 2r+1 of CIFAR-100).')
   return tuple(sorted(out))
 
 

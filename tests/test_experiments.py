@@ -141,3 +141,25 @@ def test_results_dir_and_cache_units(tmp_path):
   cache.arrays({'k': 2}, compute)
   assert len(calls) == 2
   assert results.fingerprint(np.zeros(3)) != results.fingerprint(np.zeros(4))
+
+
+def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
+  from lps_jax import modelset
+  ms = modelset.load(tiny_set)
+  part = str(tmp_path / 'part.npz')        # 3 of the 6 tasks, as a partial ModelSet500 would be
+  modelset.export_kernels(part, ms.select(np.flatnonzero(ms.task_id < 3)))
+  args = _common(tiny_set, tmp_path, 't')[1:] + [
+      '--mode=classification', f'--modelset={part}', f'--compare_modelset={tiny_set}',
+      '--methods=lps,gram', '--val_per_task=0', '--layer_weights=1']
+  r = _run(*args)
+  _ok(r)
+  res = json.load(open(tmp_path / 't' / 'results.json'))
+  assert res['num_tasks'] == 3 and res['compare']['tasks'] == [0, 1, 2]
+  assert res['compare']['num_models'] == 12
+  # The second set restricted to the first one's tasks holds the same kernels here: same numbers.
+  for name in ('lps', 'gram'):
+    assert res['results'][name][0]['top-1'] == res['compare']['results'][name][0]['top-1']
+  assert 'the same 3 tasks of' in r.stdout
+  bad = _run(*(args[:-4] + [f'--modelset={tiny_set}', f'--compare_modelset={part}',
+                            '--methods=lps', '--val_per_task=0', '--layer_weights=1']))
+  assert bad.returncode != 0 and 'has no models of tasks [3, 4, 5]' in bad.stderr

@@ -50,7 +50,8 @@ def test_task_ranges_and_names():
   assert slices.parse_task_ids(['0-3', '7']) == (0, 1, 2, 3, 7)
   assert slices.slice_name((0, 1, 2, 3)) == 'tasks_00-03'
   assert slices.slice_name((0, 1, 5)) == 'tasks_00-01_05-05'
-  for bad, msg in ((['3-1'], 'empty'), (['a'], 'ranges A-B'), (['0-2', '1'], 'twice')):
+  for bad, msg in ((['3-1'], 'empty'), (['a'], 'ranges A-B'), (['0-2', '1'], 'twice'),
+                   (['48-50'], 'task 50 is outside 0-49')):
     with pytest.raises(slices.SliceError, match=msg):
       slices.parse_task_ids(bad)
 

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lps_jax import resnet
 from lps_jax.onednn import build
 
 FWD, BWD_DATA, BWD_WEIGHTS = ('lps_onednn_conv_fwd', 'lps_onednn_conv_bwd_data',
@@ -44,6 +43,13 @@ def version() -> str:
   return f'{v // 10000}.{v // 100 % 100}.{v % 100}'
 
 
+def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
+  """XLA's 'SAME' padding of one spatial axis: the odd row / column goes to the high side."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + k - size, 0)
+  return total // 2, total - total // 2
+
+
 def _call(target: str, a, b, out_shape, stride: int, pads, threads: int):
   (pt, pb), (pl, pr) = pads
   i64 = np.int64
@@ -58,7 +64,7 @@ def _geometry(x_shape, k_shape, stride: int):
   kh, kw, kc, o = k_shape
   if kc != c:
     raise ValueError(f'conv input has {c} channels but the kernel expects {kc}.')
-  pads = (resnet.same_padding(h, kh, stride), resnet.same_padding(w, kw, stride))
+  pads = (same_padding(h, kh, stride), same_padding(w, kw, stride))
   return pads, (n, -(-h // stride), -(-w // stride), o)
 
 
