@@ -11,6 +11,7 @@ not depend on chunking, strategy or device count beyond float rounding (on CPU: 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -139,6 +140,11 @@ class PopulationTrainer:
     (`workdir.early_kernels`; the slices' replay check).
     With several processes every process calls this; only process 0 writes model sets.
     """
+    # The writing process holds the workdir's lock for the whole run, before it cleans up.
+    with (workdir.exclusive(path) if distributed.is_primary() else contextlib.nullcontext()):
+      return self._train(path, progress, on_epoch_end, stop_after_epochs, record_epochs)
+
+  def _train(self, path, progress, on_epoch_end, stop_after_epochs, record_epochs):
     if distributed.is_primary():
       workdir.check_config(path, self.config)
       for stale in workdir.remove_partial_writes(path):

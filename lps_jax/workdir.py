@@ -1,6 +1,7 @@
 """The training work directory: what it holds, and the guards that keep runs from mixing.
 
   config.json               the PopulationConfig (a rerun with another config is refused)
+  lock                      held (flock) by the run that trains here: a second run is refused
   chunks/chunk_NNNNN/       finished chunks, each a model set (lps_jax.modelset)
   ckpt/chunk_NNNNN/         the chunk in progress: chunk.json (its plan) + orbax checkpoints
   modelset/                 the final model set, once every chunk is done
@@ -11,6 +12,7 @@ last complete checkpoint and every finished chunk readable.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -28,6 +30,36 @@ class TrainingStopped(Exception):
 
 class TrainingError(RuntimeError):
   """Training cannot go on (NaN loss, bad checkpoint, ...); the message says what to do."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+  """Holds the work directory's advisory lock for a run: a second run on the same folder
+  (a job launched twice, a requeued copy) stops at once, naming the holder, instead of both
+  training and removing each other's writes. The lock dies with its process (flock), so a
+  killed run never blocks the rerun."""
+  import fcntl
+  import platform
+  import time
+  os.makedirs(workdir, exist_ok=True)
+  f = open(os.path.join(workdir, 'lock'), 'a+')
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or 'unknown process'
+    f.close()
+    raise TrainingError(f'workdir {workdir!r} is in use by another run ({holder}); wait for '
+                        'it to finish, stop it, or use another --workdir.') from None
+  f.seek(0)
+  f.truncate()
+  f.write(f'pid {os.getpid()} on {platform.node()}, since '
+          f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+  f.flush()
+  try:
+    yield
+  finally:
+    f.close()
 
 
 def chunk_dir(workdir: str, index: int) -> str:

@@ -187,3 +187,30 @@ def test_modelset_errors(tmp_path):
   (d / 'meta.json').write_text(json.dumps({'num_models': 2}))
   with pytest.raises(modelset.ModelSetError, match='unreadable'):
     modelset.load(str(d))
+
+
+def test_one_run_per_workdir(splits, tmp_path):
+  wd = str(tmp_path / 'wd')
+  with workdir.exclusive(wd):                      # a run holds it (here: this test)
+    with pytest.raises(workdir.TrainingError, match=r'in use by another run \(pid \d+ on '):
+      trainer.PopulationTrainer(_config(runs=1), ExecutionConfig(models_per_chunk=2),
+                                *splits).train(wd, progress=False)
+    r = subprocess.run([sys.executable, '-m', 'experiments.train_population', '--dataset=npz',
+                        '--task_ids=0', '--runs_per_task=1', f'--workdir={wd}'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert f'pid {os.getpid()}' in r.stderr.strip().splitlines()[-1]
+  assert os.listdir(wd) == ['lock']               # the refused runs wrote nothing
+  # A holder killed with SIGKILL leaves the file, not the lock: the rerun goes ahead.
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from lps_jax import '
+                             'workdir\nwith workdir.exclusive(sys.argv[1]): print(1, flush=True); '
+                             'time.sleep(600)', wd], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == '1'
+  with pytest.raises(workdir.TrainingError, match=f'pid {holder.pid} '):
+    with workdir.exclusive(wd):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir.exclusive(wd):
+    assert f'pid {os.getpid()} ' in open(os.path.join(wd, 'lock')).read()
