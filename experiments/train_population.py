@@ -34,7 +34,7 @@ flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir (--dataset=tfds).')
 flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
-                     'Simulated host devices when running on CPU.')
+                     'Simulated host devices when running on CPU.', lower_bound=1)
 flags.DEFINE_string('workdir', 'runs/modelset500/{slice}', 'Checkpoints and the final model '
                     'set; {slice} becomes the tasks\' name, e.g. tasks_00-09.')
 flags.DEFINE_string('export_kernels', None,

@@ -49,6 +49,13 @@ class ResNetConfig:
     return ResNetConfig(**tuples_from_json(d))
 
   def __post_init__(self):
+    for name in ('blocks_per_stage', 'widths'):
+      bad = [v for v in getattr(self, name) if not (isinstance(v, int) and v >= 1)]
+      if bad:
+        raise ValueError(f'--{name}={",".join(map(str, getattr(self, name)))}: each must be an '
+                         'integer >= 1.')
+    if self.num_classes < 2:
+      raise ValueError(f'num_classes must be >= 2, got {self.num_classes}.')
     if len(self.blocks_per_stage) != len(self.widths) or not self.widths:
       raise ValueError(f'blocks_per_stage {self.blocks_per_stage} and widths {self.widths} '
                        'must be non-empty and of equal length.')

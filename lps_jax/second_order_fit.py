@@ -17,9 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lps_jax import popmap
+from lps_jax import config_checks, popmap
+from lps_jax.config_checks import Range, valid
 from lps_jax.second_order import (FEATURE_NORMS, METHODS, STATS, SecondOrderNet, embedding,
                                   eq9_loss, mixture_probs)
+
+
+INT0, INT1 = Range(0, integer=True), Range(1, integer=True)
 
 
 def _help(text: str, **extra) -> dict:
@@ -32,15 +36,18 @@ class SecondOrderConfig:
   method: str = dataclasses.field(
       default='lps', metadata=_help('Feature extractor of every branch.', choices=tuple(METHODS)))
   layer_weights: tuple[float, ...] = dataclasses.field(
-      default=(1.0,), metadata=_help('w_l per conv layer (Eq. 9); missing = 0. The paper: '
-                                     'w_1 = 1, the rest 0.'))
-  num_filters: int = dataclasses.field(default=100, metadata=_help('Second-order filters G.'))
-  epochs: int = dataclasses.field(default=100, metadata=_help('Training epochs.'))
-  batch_size: int = dataclasses.field(default=1, metadata=_help('Models per step.'))
-  learning_rate: float = dataclasses.field(default=1e-3, metadata=_help('Initial learning rate.'))
+      default=(1.0,), metadata=valid(Range(0, nonempty=True), 'w_l per conv layer (Eq. 9); '
+                                     'missing = 0. The paper: w_1 = 1, the rest 0.'))
+  num_filters: int = dataclasses.field(default=100, metadata=valid(INT1,
+                                                                   'Second-order filters G.'))
+  epochs: int = dataclasses.field(default=100, metadata=valid(INT1, 'Training epochs.'))
+  batch_size: int = dataclasses.field(default=1, metadata=valid(INT1, 'Models per step.'))
+  learning_rate: float = dataclasses.field(default=1e-3, metadata=valid(
+      Range(0, open=True), 'Initial learning rate.'))
   lr_boundaries: tuple[int, ...] = dataclasses.field(
-      default=(40, 80), metadata=_help('Epochs after which the learning rate is divided by 10.'))
-  momentum: float = dataclasses.field(default=0.9, metadata=_help('SGD momentum.'))
+      default=(40, 80), metadata=valid(INT1, 'Epochs after which the learning rate is divided '
+                                             'by 10.'))
+  momentum: float = dataclasses.field(default=0.9, metadata=valid(Range(0, 1), 'SGD momentum.'))
   seed: int = dataclasses.field(
       default=0, metadata=_help('Seed of phi\'s init and the shuffling (folded with the split '
                                 'seed, so every split draws its own).'))
@@ -48,10 +55,10 @@ class SecondOrderConfig:
       default=0, metadata=_help('The model / task split this network trains on (set per split '
                                 'by the protocols).'))
   weight_decay: float = dataclasses.field(
-      default=0.0, metadata=_help('Not in the paper: L2 weight decay on phi and the FC '
+      default=0.0, metadata=valid(Range(0), 'Not in the paper: L2 weight decay on phi and the FC '
                                   '(coupled, as torch.optim.SGD).'))
   val_per_task: int = dataclasses.field(
-      default=0, metadata=_help('Not in the paper: early stopping. Hold out this many training '
+      default=0, metadata=valid(INT0, 'Not in the paper: early stopping. Hold out this many training '
                                 'models per task as validation and keep the epoch with the best '
                                 'validation accuracy (then lowest validation loss).'))
   feature_norm: str = dataclasses.field(
@@ -61,6 +68,9 @@ class SecondOrderConfig:
   learned_weights: bool = dataclasses.field(
       default=False, metadata=_help('Not in the paper: learn the branch weights w_l = '
                                     'softmax(a)_l (fusion of the active branches).'))
+
+  def __post_init__(self):
+    config_checks.check(self)
 
   def active_layers(self) -> tuple[int, ...]:
     return tuple(i for i, w in enumerate(self.layer_weights) if w > 0)

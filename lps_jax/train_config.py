@@ -20,7 +20,8 @@ from typing import Optional
 
 import jax
 
-from lps_jax import resnet
+from lps_jax import config_checks, resnet
+from lps_jax.config_checks import Range, valid
 
 # Per-model execution strategies (lps_jax.popmap): loop = one program per model, models spread
 # over the devices; vmap / unroll = one program for a device's models, inside shard_map.
@@ -56,24 +57,37 @@ def _help(text: str, **extra) -> dict:
   return {'help': text, **extra}
 
 
+INT0, INT1 = Range(0, integer=True), Range(1, integer=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """First-order recipe of one model; defaults are the paper's (Sec. 5)."""
-  epochs: int = dataclasses.field(default=160, metadata=_help('Training epochs.'))
-  batch_size: int = dataclasses.field(default=128, metadata=_help('Images per model per step.'))
-  learning_rate: float = dataclasses.field(default=0.1, metadata=_help('Initial learning rate.'))
+  epochs: int = dataclasses.field(default=160, metadata=valid(INT1, 'Training epochs.'))
+  batch_size: int = dataclasses.field(default=128, metadata=valid(INT1,
+                                                                  'Images per model per step.'))
+  learning_rate: float = dataclasses.field(default=0.1, metadata=valid(
+      Range(0, open=True), 'Initial learning rate.'))
   lr_boundaries: tuple[int, ...] = dataclasses.field(
-      default=(80, 120), metadata=_help('Epochs after which the learning rate is multiplied '
-                                        'by lr_decay.'))
-  lr_decay: float = dataclasses.field(default=0.1, metadata=_help('Learning-rate step factor.'))
-  momentum: float = dataclasses.field(default=0.9, metadata=_help('SGD momentum.'))
+      default=(80, 120), metadata=valid(INT1, 'Epochs after which the learning rate is '
+                                              'multiplied by lr_decay.'))
+  lr_decay: float = dataclasses.field(default=0.1, metadata=valid(
+      Range(0, 1), 'Learning-rate step factor.'))
+  momentum: float = dataclasses.field(default=0.9, metadata=valid(Range(0, 1), 'SGD momentum.'))
   weight_decay: float = dataclasses.field(
-      default=1e-4, metadata=_help('Weight decay, coupled as in torch.optim.SGD.'))
+      default=1e-4, metadata=valid(Range(0), 'Weight decay, coupled as in torch.optim.SGD.'))
   drop_remainder: bool = dataclasses.field(
       default=False, metadata=_help(
           'Drop the last partial batch of each epoch. The paper trains with PyTorch, whose '
           'DataLoader keeps it (drop_last=False): 1,000 images at batch 128 = 7 full batches + '
           'one of 104 = 8 updates per epoch.'))
+
+  def __post_init__(self):
+    config_checks.check(self)
+    late = [b for b in self.lr_boundaries if b >= self.epochs]
+    if late:
+      raise ValueError(f'--lr_boundaries={",".join(map(str, self.lr_boundaries))}: epoch {late[0]} '
+                       f'is not inside the {self.epochs} epochs (--epochs); lower it.')
 
   def steps_per_epoch(self, n_train: int) -> int:
     """Updates per epoch for `n_train` images per model (the partial batch counts unless
@@ -96,12 +110,13 @@ class PopulationConfig:
   task_ids: tuple[int, ...] = dataclasses.field(
       default=tuple(range(50)), metadata=_help('Tasks r (fine labels 2r, 2r+1) to train.'))
   runs_per_task: int = dataclasses.field(
-      default=10, metadata=_help('Independent runs (models) per task.'))
-  seed: int = dataclasses.field(default=0, metadata=_help('Base seed of every model key.'))
+      default=10, metadata=valid(INT1, 'Independent runs (models) per task.'))
+  seed: int = dataclasses.field(default=0, metadata=valid(INT0, 'Base seed of every model key.'))
   split_seed: int = dataclasses.field(
-      default=0, metadata=_help('Seed of the per-task choice and order of images.'))
+      default=0, metadata=valid(INT0, 'Seed of the per-task choice and order of images.'))
   holdout_fraction: float = dataclasses.field(
-      default=0.2, metadata=_help('Held-out fraction per class (npz_test_only only).'))
+      default=0.2, metadata=valid(Range(0, 1, open=True),
+                                  'Held-out fraction per class (npz_test_only only).'))
   dataset: str = dataclasses.field(
       default='tfds', metadata=_help(
           'tfds: CIFAR-100 through tensorflow-datasets. npz: a folder in the offline format '
@@ -111,6 +126,13 @@ class PopulationConfig:
           choices=('tfds', 'npz', 'npz_test_only')))
   model: resnet.ResNetConfig = resnet.ResNetConfig()
   train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    config_checks.check(self)
+    outside = [t for t in self.task_ids if not (isinstance(t, int) and 0 <= t < 50)]
+    if not self.task_ids or outside:
+      raise ValueError(f'--task_ids: {outside[0] if outside else "none given"}; tasks are '
+                       '0-49 (task r = fine labels 2r, 2r+1 of CIFAR-100).')
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -153,17 +175,22 @@ class ExecutionConfig:
           'update (faster on XLA:CPU); auto = the fastest measured on this backend.',
           choices=('auto',) + STEP_FORMULATIONS))
   models_per_chunk: int = dataclasses.field(
-      default=10, metadata=_help('Models trained together (bounds memory); a finished chunk '
-                                 'is saved and never retrained.'))
+      default=10, metadata=valid(INT1, 'Models trained together (bounds memory); a finished '
+                                       'chunk is saved and never retrained.'))
   num_devices: int = dataclasses.field(
-      default=0, metadata=_help('Devices to spread the population over (0 = all).'))
+      default=0, metadata=valid(INT0, 'Devices to spread the population over (0 = all).'))
   checkpoint_every: int = dataclasses.field(
-      default=10, metadata=_help('Checkpoint the chunk in progress every N epochs.'))
+      default=10, metadata=valid(INT1, 'Checkpoint the chunk in progress every N epochs.'))
   eval_every: int = dataclasses.field(
-      default=10, metadata=_help('Held-out evaluation for the progress bar every N epochs.'))
+      default=10, metadata=valid(INT1, 'Held-out evaluation for the progress bar every N '
+                                       'epochs.'))
   conv_threads: int = dataclasses.field(
-      default=0, metadata=_help('OpenMP threads of each oneDNN conv call (--conv_impl=onednn*); '
-                                '0 = the cores divided by the devices running at once.'))
+      default=0, metadata=valid(INT0, 'OpenMP threads of each oneDNN conv call '
+                                      '(--conv_impl=onednn*); 0 = the cores divided by the '
+                                      'devices running at once.'))
+
+  def __post_init__(self):
+    config_checks.check(self)
 
   def resolve(self, backend: Optional[str] = None) -> 'ExecutionConfig':
     """Fills in 'auto' for the backend and checks the combination."""
@@ -197,14 +224,7 @@ class ExecutionConfig:
     if n_dev > n_all:
       raise ValueError(f'num_devices={n_dev} but only {n_all} devices exist; on CPU raise '
                        '--num_cpu_devices or lower --num_devices.')
-    if n_dev < 0:
-      raise ValueError(f'num_devices must be >= 0 (0 = all), got {n_dev}.')
-    for name in ('models_per_chunk', 'checkpoint_every', 'eval_every'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}.')
     threads = self.conv_threads
-    if threads < 0:
-      raise ValueError(f'conv_threads must be >= 0 (0 = cores / devices), got {threads}.')
     if conv_impl.startswith('onednn'):
       if backend != 'cpu':
         raise ValueError(f'--conv_impl={conv_impl} runs on the CPU; on {backend} use lax.')

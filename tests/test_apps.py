@@ -28,6 +28,23 @@ def test_train_population_too_many_tasks(tmp_path, data_dir):
   assert r.returncode != 0 and 'task ids must be in [0, 50)' in r.stderr
 
 
+def test_train_population_bad_flags_fail_before_training(tmp_path):
+  """The examples of issue 19: each a one-line error naming the flag, before any compile."""
+  base = ['experiments.train_population', '--dataset=npz', '--task_ids=0', '--epochs=2',
+          '--lr_boundaries=1', f'--workdir={tmp_path}/wd']
+  for flag, says in (('--batch_size=0', '--batch_size=0: must be an integer >= 1'),
+                     ('--epochs=-1', '--epochs=-1: must be an integer >= 1'),
+                     ('--runs_per_task=0', '--runs_per_task=0: must be an integer >= 1'),
+                     ('--num_cpu_devices=0', '--num_cpu_devices'),
+                     ('--learning_rate=nan', '--learning_rate=nan: must be a finite number > 0'),
+                     ('--task_ids=60', 'task 60 is outside 0-49'),
+                     ('--lr_boundaries=5', 'epoch 5 is not inside the 2 epochs')):
+    r = _run(*base, flag)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, (flag, r.stderr[-1500:])
+    assert says in r.stderr.strip().splitlines()[-1] or says in r.stderr, (flag, r.stderr[-500:])
+  assert not os.path.exists(tmp_path / 'wd')       # nothing written
+
+
 def test_lps_main_bad_model_sets(tmp_path):
   r = _run('experiments.lps_main', f'--modelset={tmp_path}/none.npz')
   assert r.returncode != 0 and 'error: kernel file not found' in r.stderr

@@ -114,6 +114,18 @@ def test_execution_config_checks():
     ExecutionConfig('vmap', step='split').resolve()
   with pytest.raises(ValueError, match='only 2 devices exist'):
     ExecutionConfig('unroll', num_devices=8).resolve()
-  with pytest.raises(ValueError, match='models_per_chunk must be >= 1'):
-    ExecutionConfig(models_per_chunk=0).resolve()
+  with pytest.raises(ValueError, match='--models_per_chunk=0: must be an integer >= 1'):
+    ExecutionConfig(models_per_chunk=0)
+  # Checked where each config is defined, so restored and library-built configs are too.
+  for cls, kw, says in ((TrainConfig, dict(batch_size=0), '--batch_size=0: must be an integer'),
+                        (TrainConfig, dict(learning_rate=float('nan')), 'finite number > 0'),
+                        (TrainConfig, dict(epochs=10, lr_boundaries=(10,)), 'not inside the 10'),
+                        (PopulationConfig, dict(runs_per_task=0), '--runs_per_task=0'),
+                        (PopulationConfig, dict(task_ids=(60,)), 'tasks are 0-49'),
+                        (ExecutionConfig, dict(conv_threads=-1), '--conv_threads=-1')):
+    with pytest.raises(ValueError, match=says):
+      cls(**kw)
+  with pytest.raises(ValueError, match='--epochs=0'):
+    PopulationConfig.from_json(dict(PopulationConfig().to_json(),
+                                    train=dict(TrainConfig().__dict__, epochs=0)))
   assert popmap.Population('loop').padded_size(5) == 5
