@@ -58,6 +58,9 @@ FLAGS = flags.FLAGS
 
 
 def build_config() -> train_config.PopulationConfig:
+  if not FLAGS.task_ids and not 1 <= FLAGS.num_tasks <= slices.NUM_TASKS:
+    raise ValueError(f'--num_tasks={FLAGS.num_tasks}: must be an integer in [1, '
+                     f'{slices.NUM_TASKS}] (CIFAR-100 has {slices.NUM_TASKS} two-class tasks).')
   task_ids = (slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids
               else tuple(range(FLAGS.num_tasks)))
   return flagdefs.build(

@@ -25,7 +25,7 @@ def test_train_population_missing_data(tmp_path):
 def test_train_population_too_many_tasks(tmp_path, data_dir):
   r = _run('experiments.train_population', '--dataset=npz', '--num_tasks=60',
            f'--workdir={tmp_path}/wd')
-  assert r.returncode != 0 and 'task ids must be in [0, 50)' in r.stderr
+  assert r.returncode != 0 and '--num_tasks=60: must be an integer in [1, 50]' in r.stderr
 
 
 def test_train_population_bad_flags_fail_before_training(tmp_path):

@@ -43,6 +43,13 @@ def test_paper_tasks_train_on_1000_and_hold_out_200(splits, data_dir):
   assert set(np.unique(few_train.labels).tolist()) == {6, 7, 14, 15}
   few = data.make_tasks(few_train, [3, 7], seed=0, eval_split=few_test)
   assert few.train_idx.shape == (2, 1000)
+  # ... in the same order, whichever tasks train beside it (rows are seeded per class): the
+  # property that lets ModelSet500 be trained in slices.
+  for pos, r in ((0, 3), (1, 7)):
+    np.testing.assert_array_equal(few_train.images[few.train_idx[pos]],
+                                  train.images[tasks.train_idx[r]])
+    np.testing.assert_array_equal(few_test.images[few.eval_idx[pos]],
+                                  test.images[tasks.eval_idx[r]])
   # The older test-split-only mode: 80/20 per class of test.npz.
   only, held = data.load('npz_test_only', data_dir, classes=data.task_classes([0]))
   assert held is None
