@@ -260,7 +260,7 @@ class PopulationTrainer:
         budget['left'] -= 1
       stop = budget['left'] is not None and budget['left'] <= 0
       if done == record_epochs:   # gathering is collective: every process, one writes
-        early = np.asarray(pop.gather(state['params']['conv1']['kernel']))[:chunk.n_real]
+        early = np.asarray(pop.gather(state)['params']['conv1']['kernel'])[:chunk.n_real]
         if distributed.is_primary():
           workdir.save_early_kernels(path, chunk.index, early)
       if done < epochs and (done % self.execution.checkpoint_every == 0 or stop):
