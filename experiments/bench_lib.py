@@ -39,15 +39,21 @@ def matmul_gflops(n: int) -> dict:
   return {'n': n, 'seconds': t, 'gflops': 2 * n**3 / t / 1e9, 'backend': jax.default_backend()}
 
 
-def parse_config(spec: str) -> train_config.ExecutionConfig:
-  """'default' (what the trainer runs by default here) or 'strategy/conv/devices[/step]'."""
+def config_spec(spec: str) -> train_config.ExecutionConfig:
+  """'default' or 'strategy/conv/devices[/step]' as an ExecutionConfig, unresolved (checks the
+  names and numbers only: no devices, no extension)."""
   if spec == 'default':
-    return train_config.ExecutionConfig().resolve()
+    return train_config.ExecutionConfig()
   parts = spec.split('/')
-  if len(parts) not in (3, 4):
+  if len(parts) not in (3, 4) or not parts[2].isdigit():
     raise ValueError(f'config {spec!r}: use default or strategy/conv/devices[/step].')
   step = parts[3] if len(parts) == 4 else 'auto'
-  return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2])).resolve()
+  return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2]))
+
+
+def parse_config(spec: str) -> train_config.ExecutionConfig:
+  """`config_spec`, resolved: what the trainer runs here for it."""
+  return config_spec(spec).resolve()
 
 
 def bench_tasks(size: int, task_ids=None) -> tuple[int, ...]:

@@ -35,9 +35,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from experiments import bench_lib
+from experiments import bench_lib, flagdefs
+from lps_jax import align, resnet, slices
+from lps_jax.config_checks import Range
 from lps_jax import data as data_lib
 from lps_jax import train_config
 
@@ -76,6 +78,21 @@ flags.DEFINE_list('task_ids', None, 'Training suites: the tasks (ranges A-B) pop
                   'draw their models from, runs as needed; default 0.. (a staged data folder '
                   'holds only its tasks: experiments.slices).')
 flags.DEFINE_string('out', 'benchmark_results.json', 'Where to write the JSON figures.')
+flagdefs.names('suites', SUITES, 'suite')
+flagdefs.parsed('configs', lambda specs: [bench_lib.config_spec(s) for s in specs])
+flagdefs.parsed('devices_config', bench_lib.config_spec)
+flagdefs.names('breakdown_impls', resnet.CONV_IMPLS, 'conv impl')
+flagdefs.names('align_impls', align.CHANNEL_IMPLS, 'formulation')
+for _name in ('population_sizes', 'device_counts', 'align_sizes', 'align_filters',
+              'chunk_populations'):
+  flagdefs.check(_name, Range(1, integer=True, nonempty=True), item=int)
+for _name in ('devices_population', 'batch_size', 'num_steps', 'max_config_seconds',
+              'torch_models', 'torch_rounds', 'align_chunk', 'chunk_size', 'num_cpu_devices'):
+  flagdefs.check(_name, Range(1, integer=True))
+flagdefs.check('matmul_size', Range(0, integer=True))
+flagdefs.input_path('data_dir', 'dir', when=lambda f: f['data_dir'].present)
+flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.output_path('out', 'file')
 FLAGS = flags.FLAGS
 
 
@@ -411,9 +428,6 @@ def main(argv):
   del argv
   import jax
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
-  unknown = set(FLAGS.suites) - set(SUITES)
-  if unknown:
-    sys.exit(f'error: unknown suites {sorted(unknown)}.')
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
              'cpu_count': os.cpu_count(), 'argv': sys.argv[1:]}
   def save():  # After every suite, so a later failure never loses finished figures.
@@ -438,4 +452,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

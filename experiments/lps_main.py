@@ -18,10 +18,11 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from experiments import flagdefs, lps_modes
 from lps_jax import methods, second_order_fit
+from lps_jax.config_checks import Range
 
 flags.DEFINE_enum('mode', 'classification', list(lps_modes.MODES),
                   ' '.join(f'{m.name}: {m.help}' for m in lps_modes.MODES.values()))
@@ -50,6 +51,18 @@ flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.m
 flags.DEFINE_string('cache_dir', 'runs/lps_cache', 'Content-addressed store of finished work '
                     '(trained second-order nets, transfer ARIs); empty = no cache.')
 flags.DEFINE_bool('replot', False, 'Only redraw results.md / the PNG from --results_dir.')
+flagdefs.input_path('modelset')
+flagdefs.input_path('compare_modelset')
+flagdefs.names('methods', list(methods.REGISTRY), 'method')
+flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)
+flagdefs.check('branches', Range(1, integer=True), item=int)
+for _name in ('test_tasks', 'num_permutations'):
+  flagdefs.check(_name, Range(1, integer=True))
+flagdefs.input_path('data_dir', 'dir', when=lambda f: f.dataset == 'npz')
+flagdefs.input_path('tfds_data_dir', 'dir', must_exist=False)
+flagdefs.output_path('results_dir', 'dir', when=lambda f: not f.replot)
+flagdefs.input_path('results_dir', 'dir', when=lambda f: f.replot)
+flagdefs.output_path('cache_dir', 'dir')
 FLAGS = flags.FLAGS
 
 # Flags that determine the results besides the SecondOrderConfig (a results folder holds one
@@ -156,4 +169,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

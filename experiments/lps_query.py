@@ -12,10 +12,11 @@ are OIHW, the others HWIO: --layout overrides) or named with --layers.
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from experiments import flagdefs
 from lps_jax import checkpoints, index, methods, modelset, second_order_fit
+from lps_jax.config_checks import Range
 
 flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset first.')
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz',
@@ -32,6 +33,11 @@ flags.DEFINE_enum('layout', 'auto', list(checkpoints.LAYOUTS),
                   'HWIO otherwise.')
 flags.DEFINE_integer('top', 5, 'Tasks and models to list per query.')
 flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
+flagdefs.input_path('modelset', when=lambda f: f.build)
+flagdefs.input_path('index', 'dir', when=lambda f: not f.build,
+                    hint='Build one with --build --modelset=... (and this --index).')
+flagdefs.output_path('index', 'dir', when=lambda f: f.build)
+flagdefs.check('top', Range(1, integer=True))
 FLAGS = flags.FLAGS
 
 
@@ -95,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

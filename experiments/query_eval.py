@@ -15,18 +15,31 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import flagdefs
-from lps_jax import checkpoints, index, metrics, modelset, second_order_fit
+from lps_jax import checkpoints, index, methods, metrics, modelset, second_order_fit
+from lps_jax.config_checks import Range
 
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz', 'Indexed set.')
 flags.DEFINE_integer('index_runs', 8, 'Runs per task in the index; the rest are queries.')
-flags.DEFINE_string('method', 'lps', 'Second-order method of the index.')
+flags.DEFINE_enum('method', 'lps', [n for n, m in methods.REGISTRY.items()
+                                    if m.kind == 'second_order'],
+                  'Second-order method of the index.')
 flagdefs.define(second_order_fit.SecondOrderConfig, skip=('method', 'split_seed'))
 flags.DEFINE_string('foreign', 'runs/torch_models', 'Folder of foreign checkpoints + models.json.')
 flags.DEFINE_string('out', 'results/query_eval', 'Where to write results.json / results.md.')
+flagdefs.input_path('modelset')
+flagdefs.check('index_runs', Range(1, integer=True))
+flagdefs.parsed('foreign', lambda v: None if os.path.isfile(os.path.join(v, 'models.json')) else
+                _raise(ValueError(f'no models.json in {v} (experiments/torch_models.py '
+                                  'writes one).')))
+flagdefs.output_path('out', 'dir')
 FLAGS = flags.FLAGS
+
+
+def _raise(e):
+  raise e
 
 
 def _scores(probs, tasks, truth):
@@ -40,6 +53,13 @@ def _weight_stats(k):
 
 def main(argv):
   del argv
+  try:
+    evaluate()
+  except (modelset.ModelSetError, checkpoints.CheckpointError, index.QueryError, ValueError) as e:
+    sys.exit(f'error: {e}')
+
+
+def evaluate():
   t0 = time.time()
   config = flagdefs.build(second_order_fit.SecondOrderConfig, FLAGS, skip=('method', 'split_seed'))
   kernels, task_id, _, run = modelset.load_kernels(FLAGS.modelset, 1)
@@ -93,4 +113,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

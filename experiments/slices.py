@@ -19,11 +19,13 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import flagdefs
 from lps_jax import data as data_lib
 from lps_jax import manifest as manifest_lib
 from lps_jax import slices
+from lps_jax.config_checks import Range
 
 flags.DEFINE_enum('action', 'merge', ['check', 'merge', 'export', 'replay', 'stage'],
                   'What to do.')
@@ -44,6 +46,28 @@ flags.DEFINE_list('task_ids', None, 'stage: the tasks (ranges A-B) whose images 
 flags.DEFINE_string('stage_dir', '.stage', 'stage: where the parts go (git-ignored; a device '
                     'call carries one part: experiments/scripts/gpu_slices.sh).')
 flags.DEFINE_float('part_mib', 56, 'stage: the most MiB of images in one part.')
+
+
+def model_id(value: str) -> tuple[int, int]:
+  """'TASK:RUN' -> (task, run)."""
+  parts = value.split(':')
+  if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    raise ValueError(f'use TASK:RUN, e.g. 0:3.')
+  return int(parts[0]), int(parts[1])
+
+
+flagdefs.input_path('root', 'dir', when=lambda f: f.action in ('check', 'merge'))
+flagdefs.output_path('root', 'dir', when=lambda f: f.action == 'export')
+flagdefs.output_path('out', 'file', when=lambda f: f.action == 'merge')
+flagdefs.input_path('workdir', 'dir', when=lambda f: f.action == 'export')
+flagdefs.input_path('slice', 'dir', when=lambda f: f.action == 'replay')
+flagdefs.parsed('model', model_id)
+flagdefs.check('replay_epochs', Range(1, integer=True))
+flagdefs.check('num_cpu_devices', Range(1, integer=True))
+flagdefs.input_path('data_dir', 'dir', when=lambda f: f.action in ('replay', 'stage'))
+flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.output_path('stage_dir', 'dir', when=lambda f: f.action == 'stage')
+flagdefs.check('part_mib', Range(0, open=True))
 FLAGS = flags.FLAGS
 
 
@@ -96,13 +120,7 @@ def _replay() -> None:
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
   if not FLAGS.slice:
     raise slices.SliceError('--action=replay needs --slice (a slice folder).')
-  model = None
-  if FLAGS.model:
-    try:
-      model = tuple(int(x) for x in FLAGS.model.split(':'))
-      assert len(model) == 2
-    except (ValueError, AssertionError):
-      raise slices.SliceError(f'--model={FLAGS.model!r}: use TASK:RUN, e.g. 0:3.')
+  model = model_id(FLAGS.model) if FLAGS.model else None
   r = slices.replay_check(FLAGS.slice, FLAGS.data_dir, model, FLAGS.replay_epochs)
   print(json.dumps(r, indent=1))
   if not r['equal'] and r['bitwise_expected']:
@@ -125,4 +143,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

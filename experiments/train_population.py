@@ -14,12 +14,13 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments import flagdefs
 from lps_jax import data as data_lib
 from lps_jax.onednn.build import OneDNNUnavailable
 from lps_jax import resnet, slices, train_config
+from lps_jax.config_checks import Range
 
 flagdefs.define(train_config.TrainConfig)
 flagdefs.define(train_config.PopulationConfig, skip=('task_ids',))
@@ -34,7 +35,7 @@ flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
                     f'${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_string('tfds_data_dir', None, 'tensorflow-datasets data_dir (--dataset=tfds).')
 flags.DEFINE_integer('num_cpu_devices', train_config.CPU_DEVICES,
-                     'Simulated host devices when running on CPU.', lower_bound=1)
+                     'Simulated host devices when running on CPU.')
 flags.DEFINE_string('workdir', 'runs/modelset500/{slice}', 'Checkpoints and the final model '
                     'set; {slice} becomes the tasks\' name, e.g. tasks_00-09.')
 flags.DEFINE_string('export_kernels', None,
@@ -54,13 +55,22 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (0 = 
 flags.DEFINE_enum('distributed', 'off', ['off', 'auto'], "'auto': jax.distributed.initialize() "
                   "with the cluster's auto-detection (SLURM, Open MPI, TPU pods).")
 flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for the other processes.')
+flagdefs.check('num_tasks', Range(1, slices.NUM_TASKS, integer=True))
+for _name in ('stop_after_epochs', 'num_processes', 'distributed_timeout', 'num_cpu_devices'):
+  flagdefs.check(_name, Range(1, integer=True))
+flagdefs.check('process_id', Range(0, integer=True))
+flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.input_path('data_dir', 'dir', when=lambda f: f.dataset != 'tfds')
+flagdefs.input_path('tfds_data_dir', 'dir', must_exist=False)
+for _name in ('workdir', 'export_slice'):
+  flagdefs.output_path(_name, 'dir')
+for _name in ('export_kernels', 'summary'):
+  flagdefs.output_path(_name, 'file')
+flagdefs.parsed('coordinator_address', flagdefs.host_port)
 FLAGS = flags.FLAGS
 
 
 def build_config() -> train_config.PopulationConfig:
-  if not FLAGS.task_ids and not 1 <= FLAGS.num_tasks <= slices.NUM_TASKS:
-    raise ValueError(f'--num_tasks={FLAGS.num_tasks}: must be an integer in [1, '
-                     f'{slices.NUM_TASKS}] (CIFAR-100 has {slices.NUM_TASKS} two-class tasks).')
   task_ids = (slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids
               else tuple(range(FLAGS.num_tasks)))
   return flagdefs.build(
@@ -157,4 +167,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flagdefs.run(main)

@@ -19,6 +19,8 @@ from jax.sharding import Mesh
 from lps_jax import popmap
 
 
+CHANNEL_IMPLS = ('auto', 'einsum', 'stream')   # formulations of Eq. 5 + 6 (channel_scores)
+
 def _check_pair(theta, phi):
   if theta.ndim != 4 or phi.ndim != 4:
     raise ValueError(f'theta and phi must be HWIO kernels of rank 4, got shapes {theta.shape} '
@@ -72,7 +74,7 @@ def channel_scores(theta: jax.Array, phi: jax.Array, channel_align: bool = True,
   if impl == 'stream':
     return streamed_channel_max(theta, phi)
   if impl != 'einsum':
-    raise ValueError(f"unknown impl {impl!r}; choose 'auto', 'einsum' or 'stream'.")
+    raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(CHANNEL_IMPLS)}.")
   return channel_max(frobenius_scores(theta, phi))
 
 

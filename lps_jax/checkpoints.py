@@ -144,6 +144,10 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
   suffix = os.path.splitext(path)[1].lower()
   try:
     if os.path.isdir(path):
+      if not os.path.exists(os.path.join(path, '_METADATA')):
+        raise CheckpointError(f'{path} is a folder but not an orbax checkpoint (no _METADATA): '
+                              'name a checkpoint file, or the item folder orbax wrote (in a '
+                              'CheckpointManager step, e.g. 40/default).')
       arrays = _read_orbax(path)
     elif suffix == '.npz':
       with np.load(path) as f:
@@ -202,6 +206,9 @@ def conv_kernels(arrays: dict[str, np.ndarray], num_layers: int, layout: str = '
                           f'{chosen[:10]}; name them with --layers or set --layout.')
   out = []
   for n in chosen[:num_layers]:
+    if np.asarray(arrays[n]).dtype.kind in 'biuSUO':
+      raise CheckpointError(f'{origin}: {n} is {np.asarray(arrays[n]).dtype}, not a float conv '
+                            'kernel (quantized weights: dequantize them first).')
     k = np.asarray(arrays[n], np.float32)
     if k.ndim != 4:
       raise CheckpointError(f'{origin}: {n} has shape {k.shape}, not a 4-D conv kernel.')

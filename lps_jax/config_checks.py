@@ -43,6 +43,19 @@ def valid(rule: Range, help_text: str, **extra) -> dict:
   return {'help': help_text, 'valid': rule, **extra}
 
 
+def problem(rule: Range, value, help_text: str = '') -> Optional[str]:
+  """What is wrong with `value` (a number or a tuple) under `rule`, or None: 'must be ...'."""
+  items = value if isinstance(value, (tuple, list)) else (value,)
+  why = help_text.split('. ')[0].rstrip('.')
+  why = f' ({why})' if why else ''
+  if isinstance(value, (tuple, list)) and rule.nonempty and not items:
+    return f'is empty: give at least one value, {rule.text()} each{why}.'
+  if not all(rule.ok(v) for v in items):
+    each = ' each' if isinstance(value, (tuple, list)) else ''
+    return f'must be {rule.text()}{each}{why}.'
+  return None
+
+
 def check(config) -> None:
   """Raises ValueError('--name=value: must be ...') for the first field that breaks its rule."""
   for f in dataclasses.fields(config):
@@ -50,12 +63,7 @@ def check(config) -> None:
     if rule is None:
       continue
     value = getattr(config, f.name)
-    items = value if isinstance(value, tuple) else (value,)
-    shown = ','.join(str(v) for v in items) if isinstance(value, tuple) else value
-    if isinstance(value, tuple) and rule.nonempty and not items:
-      raise ValueError(f'--{f.name} is empty: give at least one value ({rule.text()} each).')
-    for v in items:
-      if not rule.ok(v):
-        each = ' each' if isinstance(value, tuple) else ''
-        raise ValueError(f'--{f.name}={shown}: must be {rule.text()}{each} '
-                         f'({f.metadata.get("help", "").split(". ")[0].rstrip(".")}).')
+    message = problem(rule, value, f.metadata.get('help', ''))
+    if message:
+      shown = ','.join(str(v) for v in value) if isinstance(value, tuple) else value
+      raise ValueError(f'--{f.name}={shown}: {message}')

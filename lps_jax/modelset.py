@@ -184,6 +184,14 @@ class Kernels(NamedTuple):
   run: np.ndarray
 
 
+def _kernel_array(path: str, name: str, raw: np.ndarray) -> np.ndarray:
+  """A stored layer as float32 (M, h, w, c, g), or ModelSetError saying what it is instead."""
+  if raw.dtype.kind != 'f' or raw.ndim != 5:
+    raise ModelSetError(f'{path}: kernel/{name} is {raw.dtype} {raw.shape}, not float '
+                        '(models, h, w, c_in, c_out); re-export the file.')
+  return np.asarray(raw, np.float32)
+
+
 def load_kernels(path: str, num_layers: int = 1) -> Kernels:
   """Conv kernels of the first `num_layers` layers, task labels, layer names and run numbers
   from a model set directory or an `export_kernels` .npz."""
@@ -196,17 +204,20 @@ def load_kernels(path: str, num_layers: int = 1) -> Kernels:
         config = json.loads(str(f['config']))
         names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
         # Slices keep layers past the first as float16 (lps_jax.slices): read back as float32.
-        kernels = [np.asarray(f[f'kernel/{n}'], np.float32) if f'kernel/{n}' in f.files
+        kernels = [_kernel_array(path, n, f[f'kernel/{n}']) if f'kernel/{n}' in f.files
                    else None for n in names[:num_layers]]
         task_id = np.asarray(f['task_id'])
         run = np.asarray(f['run'])
+    except ModelSetError:
+      raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
       raise ModelSetError(f'{path} is not a readable kernels file ({type(e).__name__}: {e}); '
                           'it may be truncated or not an export_kernels .npz: re-export it '
                           'with train_population --export_kernels.') from e
-    if kernels[0] is not None and task_id.shape != (kernels[0].shape[0],):
-      raise ModelSetError(f'{path}: task_id has shape {task_id.shape} but the kernels hold '
-                          f'{kernels[0].shape[0]} models; re-export the file.')
+    for what, rows in (('task_id', task_id), ('run', run)):
+      if kernels[0] is not None and rows.shape != (kernels[0].shape[0],):
+        raise ModelSetError(f'{path}: {what} has shape {rows.shape} but the kernels hold '
+                            f'{kernels[0].shape[0]} models; re-export the file.')
   else:
     ms = load(path)
     kernels, names = layer_kernels(ms, num_layers)

@@ -21,11 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lps_jax import config_checks
+from lps_jax.config_checks import Range, valid
 from lps_jax.onednn import conv as onednn_conv   # built and loaded only when used
 from lps_jax.onednn.conv import same_padding
 
 # lax: XLA's conv; im2col: patches @ kernel; lax_bf16: bfloat16 inputs, float32 accumulation;
 # onednn / onednn_bf16: the same conv as oneDNN custom calls (lps_jax.onednn, optional extra).
+_POSITIVE = Range(1, integer=True, nonempty=True)
 CONV_IMPLS = ('lax', 'im2col', 'lax_bf16', 'onednn', 'onednn_bf16')
 
 
@@ -38,9 +41,9 @@ def tuples_from_json(d: dict) -> dict:
 class ResNetConfig:
   """Architecture. Defaults are ResNet-20: 3 stages x 3 blocks, widths 16/32/64."""
   blocks_per_stage: Tuple[int, ...] = dataclasses.field(
-      default=(3, 3, 3), metadata={'help': 'Basic blocks per stage (ResNet-20: 3,3,3).'})
+      default=(3, 3, 3), metadata=valid(_POSITIVE, 'Basic blocks per stage (ResNet-20: 3,3,3).'))
   widths: Tuple[int, ...] = dataclasses.field(
-      default=(16, 32, 64), metadata={'help': 'Channels per stage (ResNet-20: 16,32,64).'})
+      default=(16, 32, 64), metadata=valid(_POSITIVE, 'Channels per stage (ResNet-20: 16,32,64).'))
   num_classes: int = dataclasses.field(default=2, metadata={'help': 'Output classes.'})
 
   @staticmethod
@@ -49,11 +52,7 @@ class ResNetConfig:
     return ResNetConfig(**tuples_from_json(d))
 
   def __post_init__(self):
-    for name in ('blocks_per_stage', 'widths'):
-      bad = [v for v in getattr(self, name) if not (isinstance(v, int) and v >= 1)]
-      if bad:
-        raise ValueError(f'--{name}={",".join(map(str, getattr(self, name)))}: each must be an '
-                         'integer >= 1.')
+    config_checks.check(self)
     if self.num_classes < 2:
       raise ValueError(f'num_classes must be >= 2, got {self.num_classes}.')
     if len(self.blocks_per_stage) != len(self.widths) or not self.widths:

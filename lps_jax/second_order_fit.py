@@ -49,11 +49,11 @@ class SecondOrderConfig:
                                              'by 10.'))
   momentum: float = dataclasses.field(default=0.9, metadata=valid(Range(0, 1), 'SGD momentum.'))
   seed: int = dataclasses.field(
-      default=0, metadata=_help('Seed of phi\'s init and the shuffling (folded with the split '
-                                'seed, so every split draws its own).'))
+      default=0, metadata=valid(INT0, 'Seed of phi\'s init and the shuffling (folded with the '
+                                'split seed, so every split draws its own).'))
   split_seed: int = dataclasses.field(
-      default=0, metadata=_help('The model / task split this network trains on (set per split '
-                                'by the protocols).'))
+      default=0, metadata=valid(INT0, 'The model / task split this network trains on (set per '
+                                'split by the protocols).'))
   weight_decay: float = dataclasses.field(
       default=0.0, metadata=valid(Range(0), 'Not in the paper: L2 weight decay on phi and the FC '
                                   '(coupled, as torch.optim.SGD).'))

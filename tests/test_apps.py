@@ -19,7 +19,7 @@ def test_train_population_missing_data(tmp_path):
   r = _run('experiments.train_population', '--dataset=npz', f'--data_dir={tmp_path}/x',
            f'--workdir={tmp_path}/wd', '--num_tasks=2', '--runs_per_task=1')
   assert r.returncode != 0
-  assert f'error: {tmp_path}/x: data folder not found' in r.stderr and 'Traceback' not in r.stderr
+  assert f'error: flag --data_dir={tmp_path}/x: not found' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_train_population_too_many_tasks(tmp_path, data_dir):
@@ -47,7 +47,7 @@ def test_train_population_bad_flags_fail_before_training(tmp_path):
 
 def test_lps_main_bad_model_sets(tmp_path):
   r = _run('experiments.lps_main', f'--modelset={tmp_path}/none.npz')
-  assert r.returncode != 0 and 'error: kernel file not found' in r.stderr
+  assert r.returncode != 0 and f'error: flag --modelset={tmp_path}/none.npz: not found' in r.stderr
   src = np.load(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'))
   arrays = {k: src[k] for k in src.files}
   arrays['kernel/conv1'] = arrays['kernel/conv1'].copy()
@@ -95,4 +95,4 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     assert all(parts[k] > 0 for k in ('step', 'convs (all passes)', 'optimizer update',
                                       'data (gather + augment)'))
   r = _run('experiments.benchmark', '--suites=nope', f'--out={out}')
-  assert r.returncode != 0 and 'unknown suites' in r.stderr
+  assert r.returncode != 0 and "unknown suite 'nope'" in r.stderr

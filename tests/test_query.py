@@ -81,6 +81,15 @@ def test_checkpoint_errors(tmp_path):
     checkpoints.conv_kernels(arrays, 1, 'hwio', names=['x'])
   with pytest.raises(checkpoints.CheckpointError, match='found 1 3x3 conv kernels .* 2 are needed'):
     checkpoints.conv_kernels(arrays, 2, 'hwio')
+  for suffix in ('.npz', '.pt', '.safetensors', '.msgpack'):   # empty files
+    (tmp_path / f'empty{suffix}').write_bytes(b'')
+    with pytest.raises(checkpoints.CheckpointError, match='unreadable|not a zip-format'):
+      checkpoints.read_arrays(str(tmp_path / f'empty{suffix}'))
+  (tmp_path / 'plain').mkdir()
+  with pytest.raises(checkpoints.CheckpointError, match='a folder but not an orbax checkpoint'):
+    checkpoints.read_arrays(str(tmp_path / 'plain'))
+  with pytest.raises(checkpoints.CheckpointError, match='is int32, not a float conv kernel'):
+    checkpoints.conv_kernels({'a': np.zeros((3, 3, 3, 4), np.int32)}, 1, 'hwio')
   # A pickle that would run code is refused, not executed.
   import pickle
   import zipfile

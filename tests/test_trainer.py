@@ -189,6 +189,31 @@ def test_modelset_errors(tmp_path):
     modelset.load(str(d))
 
 
+def test_kernel_files_handed_in(tmp_path):
+  """Each way a kernels file can be wrong is one ModelSetError saying what it is."""
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results',
+                     'test_split_gpu', 'modelset', 'first_layer_kernels.npz')
+  with np.load(src) as f:
+    good = {k: f[k] for k in f.files}
+  cases = {'int': dict(good, **{'kernel/conv1': good['kernel/conv1'].astype(np.int32)}),
+           'rank': dict(good, **{'kernel/conv1': good['kernel/conv1'][..., 0]}),
+           'rows': dict(good, run=good['run'][:-1]),
+           'nan': dict(good, **{'kernel/conv1': np.where(np.arange(good['task_id'].size)[
+               :, None, None, None, None] == 7, np.nan, good['kernel/conv1'])})}
+  says = {'int': 'kernel/conv1 is int32', 'rank': r'is float32 \(500, 3, 3, 3\), not float',
+          'rows': 'run has shape', 'nan': r'NaN/Inf weights in models \[7\]'}
+  for name, arrays in cases.items():
+    np.savez(tmp_path / f'{name}.npz', **arrays)
+    with pytest.raises(modelset.ModelSetError, match=says[name]):
+      modelset.load_kernels(str(tmp_path / f'{name}.npz'))
+  (tmp_path / 'empty.npz').write_bytes(b'')
+  with pytest.raises(modelset.ModelSetError, match='not a readable kernels file'):
+    modelset.load_kernels(str(tmp_path / 'empty.npz'))
+  (tmp_path / 'folder.npz').mkdir()
+  with pytest.raises(modelset.ModelSetError, match='not found|not a readable'):
+    modelset.load_kernels(str(tmp_path / 'folder.npz'))
+
+
 def test_one_run_per_workdir(splits, tmp_path):
   wd = str(tmp_path / 'wd')
   with workdir.exclusive(wd):                      # a run holds it (here: this test)
