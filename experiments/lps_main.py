@@ -51,7 +51,9 @@ flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.m
 flags.DEFINE_string('cache_dir', 'runs/lps_cache', 'Content-addressed store of finished work '
                     '(trained second-order nets, transfer ARIs); empty = no cache.')
 flags.DEFINE_bool('replot', False, 'Only redraw results.md / the PNG from --results_dir.')
-flagdefs.input_path('modelset')
+flagdefs.input_path('modelset', hint='A model set folder comes from train_population (e.g. '
+                    '--flagfile=experiments/flags/modelset_cpu.flags, ~1 h on 2 cores); the '
+                    'tables also take a kernels .npz from results/.')
 flagdefs.input_path('compare_modelset')
 flagdefs.names('methods', list(methods.REGISTRY), 'method')
 flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)

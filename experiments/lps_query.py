@@ -15,7 +15,7 @@ import sys
 from absl import flags
 
 from experiments import flagdefs
-from lps_jax import checkpoints, index, methods, modelset, second_order_fit
+from lps_jax import checkpoints, index, locks, methods, modelset, second_order_fit
 from lps_jax.config_checks import Range
 
 flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset first.')
@@ -46,11 +46,13 @@ def build_index():
   config = flagdefs.build(second_order_fit.SecondOrderConfig, FLAGS, skip=('method', 'split_seed'))
   m = methods.get(FLAGS.method)
   kernels, task_id, _, run = modelset.load_kernels(FLAGS.modelset, m.num_layers(config))
-  bar = tqdm(total=m.config(config).epochs, desc='index: second-order epochs', file=sys.stderr)
-  idx = index.build(kernels, task_id, run, FLAGS.method, config, source=FLAGS.modelset,
-                    progress=lambda e, loss: bar.update(1))
-  bar.close()
-  index.save(FLAGS.index, idx)
+  with locks.exclusive(FLAGS.index, 'index', '--index'):   # one build per index folder
+    bar = tqdm(total=m.config(config).epochs, desc='index: second-order epochs',
+               file=sys.stderr)
+    idx = index.build(kernels, task_id, run, FLAGS.method, config, source=FLAGS.modelset,
+                      progress=lambda e, loss: bar.update(1))
+    bar.close()
+    index.save(FLAGS.index, idx)
   print(f'index of {len(task_id)} models, {idx.tasks.size} tasks ({FLAGS.method}) written to '
         f'{FLAGS.index}', file=sys.stderr)
   return idx

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from lps_jax import locks
+
 
 class ResultsError(ValueError):
   """A results folder that cannot be used as asked; the message says what to do."""
@@ -113,7 +115,9 @@ class ResultsDir:
     self.path = path
     self.config = _canonical(config)
     cfg_path = os.path.join(path, self.CONFIG)
-    if os.path.isdir(path) and os.listdir(path):
+    # Held until this object goes (the run ends): a second run on the folder stops at once.
+    self._lock = locks.hold(path, 'results folder', '--results_dir')
+    if set(os.listdir(path)) - {locks.LOCK_NAME}:
       if not os.path.exists(cfg_path):
         raise ResultsError(f'{path} is not empty and has no {self.CONFIG}: it is not a results '
                            'folder of lps_main; pass an empty or new --results_dir.')
@@ -124,7 +128,6 @@ class ResultsDir:
             f'{path} holds results of a different configuration (differs in {diff}: '
             + '; '.join(f'{k}: {old.get(k)!r} there, {self.config.get(k)!r} now' for k in diff[:4])
             + '). Pass another --results_dir, or delete that folder to replace its results.')
-    os.makedirs(path, exist_ok=True)
     _atomic_write(cfg_path, json.dumps(self.config, indent=1, sort_keys=True).encode())
 
   def file(self, name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -142,7 +143,16 @@ class PopulationTrainer:
     """
     # The writing process holds the workdir's lock for the whole run, before it cleans up.
     with (workdir.exclusive(path) if distributed.is_primary() else contextlib.nullcontext()):
-      return self._train(path, progress, on_epoch_end, stop_after_epochs, record_epochs)
+      try:
+        return self._train(path, progress, on_epoch_end, stop_after_epochs, record_epochs)
+      except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+          raise
+        where = f' ({e.filename})' if e.filename else ''
+        raise TrainingError(
+            f'a write in {path} failed: {os.strerror(e.errno)}{where}. Finished chunks and the '
+            'last complete checkpoint are kept (writes are atomic): free space or make the '
+            'folder writable, then rerun the same command to resume.') from e
 
   def _train(self, path, progress, on_epoch_end, stop_after_epochs, record_epochs):
     if distributed.is_primary():
@@ -283,6 +293,10 @@ class PopulationTrainer:
         task_id=keep(tasks).astype(np.int32), run=keep(runs).astype(np.int32),
         seed=np.full(chunk.n_real, self.config.seed, np.int64),
         heldout_accuracy=keep(acc).astype(np.float32), config=self.config.to_json())
+
+
+# A full disk, a read-only or quota-limited file system, a lost mount: the user's to fix.
+_WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO)
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lps_jax import distributed
+from lps_jax import distributed, locks
 from lps_jax.train_config import PopulationConfig
 
 
@@ -34,32 +34,16 @@ class TrainingError(RuntimeError):
 
 @contextlib.contextmanager
 def exclusive(workdir: str):
-  """Holds the work directory's advisory lock for a run: a second run on the same folder
-  (a job launched twice, a requeued copy) stops at once, naming the holder, instead of both
-  training and removing each other's writes. The lock dies with its process (flock), so a
-  killed run never blocks the rerun."""
-  import fcntl
-  import platform
-  import time
-  os.makedirs(workdir, exist_ok=True)
-  f = open(os.path.join(workdir, 'lock'), 'a+')
+  """Holds the work directory's lock for a run (`lps_jax.locks`); a busy one is a
+  TrainingError naming the holder."""
   try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    f.seek(0)
-    holder = f.read().strip() or 'unknown process'
-    f.close()
-    raise TrainingError(f'workdir {workdir!r} is in use by another run ({holder}); wait for '
-                        'it to finish, stop it, or use another --workdir.') from None
-  f.seek(0)
-  f.truncate()
-  f.write(f'pid {os.getpid()} on {platform.node()}, since '
-          f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-  f.flush()
+    lock = locks.hold(workdir, 'workdir', '--workdir')
+  except locks.FolderBusy as e:
+    raise TrainingError(str(e)) from None
   try:
     yield
   finally:
-    f.close()
+    lock.close()
 
 
 def chunk_dir(workdir: str, index: int) -> str:

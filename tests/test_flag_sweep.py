@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from lps_jax import locks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = 'results/test_split_gpu/modelset/first_layer_kernels.npz'
 
@@ -82,7 +84,7 @@ LOG_LINE = re.compile(r'^[IWEF]\d{4} ')
 
 def _held_by_a_live_run(folder: str) -> bool:
   """A work directory whose lock a running trainer holds (its writes are not ours)."""
-  lock = os.path.join(folder, 'lock')
+  lock = os.path.join(folder, locks.LOCK_NAME)
   if not os.path.isfile(lock):
     return False
   with open(lock) as f:
@@ -140,3 +142,36 @@ def test_every_flag_refuses_a_bad_value_in_one_line(app, tmp_path):
   assert not bad, f'{len(bad)} of {len(out["results"])} cases:\n' + '\n'.join(bad)
   changed = {p for p, t in _tree().items() if before.get(p) != t}
   assert not changed, f'written outside {tmp_path}: {sorted(changed)[:10]}'
+
+
+_PARSE_FLAGFILES = """
+import importlib, json, sys
+sys.path.insert(0, {root!r})
+from absl import flags
+importlib.import_module('experiments.' + sys.argv[1])
+out = {{}}
+for path in sys.argv[2:]:
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS([sys.argv[1], '--flagfile=' + path])
+    out[path] = None
+  except flags.Error as e:
+    out[path] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_committed_flagfiles_parse():
+  """Every flagfile in experiments/flags passes its app's checks; one whose model set is not
+  built yet says how to build it."""
+  folder = os.path.join(ROOT, 'experiments', 'flags')
+  files = sorted(os.path.join('experiments', 'flags', f) for f in os.listdir(folder))
+  by_app = {'train_population': [f for f in files if 'modelset' in os.path.basename(f)]}
+  by_app['lps_main'] = [f for f in files if f not in by_app['train_population']]
+  for app, paths in by_app.items():
+    r = subprocess.run([sys.executable, '-c', _PARSE_FLAGFILES.format(root=ROOT), app, *paths],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for path, error in json.loads(r.stdout.strip().splitlines()[-1]).items():
+      assert error is None or ('--modelset=runs/' in error and 'train_population' in error), (
+          path, error)

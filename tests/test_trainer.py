@@ -77,6 +77,49 @@ def test_interrupted_and_resumed_equals_uninterrupted(splits, tmp_path):
   np.testing.assert_array_equal(resumed.heldout_accuracy, full.heldout_accuracy)
 
 
+def test_a_full_disk_keeps_finished_work_and_the_rerun_resumes(splits, tmp_path, monkeypatch):
+  """ENOSPC while checkpointing, then while writing a finished chunk: each a TrainingError that
+  says so; the last good checkpoint and the finished chunk survive; the rerun finishes equal to
+  an uninterrupted run."""
+  import errno
+  cfg = _config(epochs=3, tasks=(0, 1), runs=1)
+  ex = ExecutionConfig(models_per_chunk=1, checkpoint_every=1)
+  tr = trainer.PopulationTrainer(cfg, ex, *splits)
+  full = tr.train(str(tmp_path / 'a'), progress=False)
+  full_disk = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  wd = str(tmp_path / 'b')
+
+  real_manager = workdir.checkpoint_manager
+  def failing_manager(path):   # the epoch-2 checkpoint of chunk 0 cannot be written
+    mngr = real_manager(path)
+    save = mngr.save
+    def fail_at_2(step, *a, **k):
+      if step == 2:
+        raise full_disk
+      return save(step, *a, **k)
+    mngr.save = fail_at_2
+    return mngr
+  monkeypatch.setattr(workdir, 'checkpoint_manager', failing_manager)
+  with pytest.raises(workdir.TrainingError, match='No space left on device.*rerun the same'):
+    tr.train(wd, progress=False)
+  assert workdir.checkpoint_manager(workdir.ckpt_dir(wd, 0)).latest_step() == 1
+  monkeypatch.setattr(workdir, 'checkpoint_manager', real_manager)
+
+  real_save = modelset.save
+  def fail_chunk_1(path, ms):  # chunk 1 trains, but its finished model set cannot be written
+    if path == workdir.chunk_dir(wd, 1):
+      raise full_disk
+    return real_save(path, ms)
+  monkeypatch.setattr(modelset, 'save', fail_chunk_1)
+  with pytest.raises(workdir.TrainingError, match='No space left on device'):
+    tr.train(wd, progress=False)
+  monkeypatch.setattr(modelset, 'save', real_save)
+  assert os.path.isdir(workdir.chunk_dir(wd, 0)) and not os.path.isdir(workdir.chunk_dir(wd, 1))
+  resumed = tr.train(wd, progress=False)
+  for a, b in [(resumed.params, full.params), (resumed.batch_stats, full.batch_stats)]:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
 # ------------------------------------------------------------------ SIGKILL, as in real life
 
 APP = ['--dataset=npz', '--num_tasks=4', '--runs_per_task=1', '--widths=4,8,8',
@@ -226,7 +269,7 @@ def test_one_run_per_workdir(splits, tmp_path):
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
     assert r.returncode != 0 and 'Traceback' not in r.stderr
     assert f'pid {os.getpid()}' in r.stderr.strip().splitlines()[-1]
-  assert os.listdir(wd) == ['lock']               # the refused runs wrote nothing
+  assert os.listdir(wd) == ['.lock']               # the refused runs wrote nothing
   # A holder killed with SIGKILL leaves the file, not the lock: the rerun goes ahead.
   holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from lps_jax import '
                              'workdir\nwith workdir.exclusive(sys.argv[1]): print(1, flush=True); '
@@ -238,4 +281,4 @@ def test_one_run_per_workdir(splits, tmp_path):
   holder.send_signal(signal.SIGKILL)
   holder.wait()
   with workdir.exclusive(wd):
-    assert f'pid {os.getpid()} ' in open(os.path.join(wd, 'lock')).read()
+    assert f'pid {os.getpid()} ' in open(os.path.join(wd, '.lock')).read()
