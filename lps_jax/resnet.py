@@ -20,8 +20,9 @@ from typing import Any, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lps_jax import config_checks
+from lps_jax import config_checks, permutations
 from lps_jax.config_checks import Range, valid
 from lps_jax.onednn import conv as onednn_conv   # built and loaded only when used
 from lps_jax.onednn.conv import same_padding
@@ -180,46 +181,48 @@ def param_count(params) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
-def random_permutation(variables: dict, key: jax.Array,
-                       config: ResNetConfig = ResNetConfig()) -> dict:
-  """Applies a random function-preserving channel permutation to one model's variables.
+def permutation_spec(config: ResNetConfig = ResNetConfig()) -> permutations.PermutationSpec:
+  """ResNet's channel symmetry, written once (`lps_jax.permutations`): each conv's output
+  channels with its BatchNorm (params and running statistics) and the next convs' input
+  channels. Convs whose outputs meet at a residual sum (the stem, each block's conv2 and
+  shortcut within a stage) share one group, `stream{s}` (stage s; `stream0` from the stem until
+  a shortcut starts the next); each block's inner channels have their own, `{block}/inner`.
+  Paths are those of `permutations.flatten({'params': ..., 'batch_stats': ...})`."""
+  axes: dict[str, tuple] = {}
 
-  Each conv's output channels are permuted together with their BatchNorm parameters and the
-  next layers' input channels; convs whose outputs meet at a residual sum (the stem, each
-  block's conv2 and shortcut within a stage) share one permutation. The network computes the
-  same function (Sec. 4: the order of filters and channels is changeable).
-  """
-  params, stats = jax.tree_util.tree_map(lambda x: x, (variables['params'],
-                                                        variables['batch_stats']))
-  counter = iter(range(10**9))
-  perm = lambda n: jax.random.permutation(jax.random.fold_in(key, next(counter)), n)
+  def conv(path, p_in, p_out):
+    axes[f'params/{path}/kernel'] = (None, None, p_in, p_out)
 
-  def permute_out(tree_p, tree_s, conv, bn, p):
-    tree_p[conv]['kernel'] = jnp.take(tree_p[conv]['kernel'], p, axis=3)
-    for leaf in ('scale', 'bias'):
-      tree_p[bn][leaf] = jnp.take(tree_p[bn][leaf], p, axis=0)
-    for leaf in ('mean', 'var'):
-      tree_s[bn][leaf] = jnp.take(tree_s[bn][leaf], p, axis=0)
+  def norm(path, p):
+    axes[f'params/{path}/scale'] = axes[f'params/{path}/bias'] = (p,)
+    axes[f'batch_stats/{path}/mean'] = axes[f'batch_stats/{path}/var'] = (p,)
 
-  def permute_in(tree_p, conv, p):
-    tree_p[conv]['kernel'] = jnp.take(tree_p[conv]['kernel'], p, axis=2)
-
-  stream = perm(config.widths[0])
-  permute_out(params, stats, 'conv1', 'bn1', stream)
+  stream, width_in = 'stream0', config.widths[0]
+  conv('conv1', None, stream)
+  norm('bn1', stream)
   for s, (n_blocks, width) in enumerate(zip(config.blocks_per_stage, config.widths), start=1):
     for b in range(1, n_blocks + 1):
-      name = f'stage{s}_block{b}'
-      bp, bs = params[name], stats[name]
-      inner = perm(width)
-      permute_in(bp, 'conv1', stream)
-      permute_out(bp, bs, 'conv1', 'bn1', inner)
-      permute_in(bp, 'conv2', inner)
-      # A shortcut conv (shape change) starts a new residual stream; else the stream carries on.
-      out = perm(width) if 'shortcut_conv' in bp else stream
-      permute_out(bp, bs, 'conv2', 'bn2', out)
-      if 'shortcut_conv' in bp:
-        permute_in(bp, 'shortcut_conv', stream)
-        permute_out(bp, bs, 'shortcut_conv', 'shortcut_bn', out)
-      stream = out
-  params['dense']['kernel'] = jnp.take(params['dense']['kernel'], stream, axis=0)
-  return {'params': params, 'batch_stats': stats}
+      name, inner = f'stage{s}_block{b}', f'stage{s}_block{b}/inner'
+      shortcut = (s > 1 and b == 1) or width_in != width     # as BasicBlock builds it
+      out = f'stream{s}' if shortcut else stream
+      conv(f'{name}/conv1', stream, inner)
+      norm(f'{name}/bn1', inner)
+      conv(f'{name}/conv2', inner, out)
+      norm(f'{name}/bn2', out)
+      if shortcut:
+        conv(f'{name}/shortcut_conv', stream, out)
+        norm(f'{name}/shortcut_bn', out)
+      stream, width_in = out, width
+  axes['params/dense/kernel'] = (stream, None)
+  return permutations.PermutationSpec.from_axes(axes)
+
+
+def random_permutation(variables: dict, key: jax.Array,
+                       config: ResNetConfig = ResNetConfig()) -> dict:
+  """One model's variables with every channel group of `permutation_spec` randomly permuted:
+  the same function (Sec. 4: the order of filters and channels is changeable)."""
+  spec = permutation_spec(config)
+  flat = permutations.flatten(variables)
+  seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+  perms = permutations.random_perms(spec, flat, np.random.default_rng(seed))
+  return permutations.unflatten(permutations.apply(spec, perms, flat))
