@@ -17,8 +17,13 @@ kernels, fed to a logistic regression. None of them is learned end to end like L
                 filters are assigned to a reference's by the Hungarian algorithm on their inner
                 products (input channels permuted by the previous layer's assignment); the
                 reference is the mean of the training models after two rounds of matching.
-Layers are chained in network order (exact for a plain chain of convs; a ResNet's residual
-stream shares one permutation across blocks, which `sort` and `rebasin` ignore past layer 1).
+  rebasin_chain the same objective over the whole chain of the layers read, with the network's
+                permutation spec (`lps_jax.permutations`: a ResNet's residual stream is one
+                permutation across its blocks): every channel group solved jointly by
+                coordinate descent (Git Re-Basin, Alg. 1), the reference refined towards the
+                mean of the aligned training models; exactly invariant to the symmetry.
+`sort` and `rebasin` chain layers in network order (exact for a plain chain of convs; a
+ResNet's residual stream shares one permutation across blocks, which they ignore past layer 1).
 
 Kernels are lists over conv layers of (M, h, w, c, g) HWIO stacks, as everywhere in lps_jax.
 """
@@ -31,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-FEATURES = ('weight_stats', 'gram', 'sort', 'rebasin')
+FEATURES = ('weight_stats', 'gram', 'sort', 'rebasin', 'rebasin_chain')
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRAM_MAX_INPUTS = 64
 
@@ -113,14 +118,42 @@ def rebasin_reference(kernels: Sequence[np.ndarray], rounds: int = 2) -> list[np
   return ref
 
 
+def _model_flats(kernels: Sequence[np.ndarray], paths: Sequence[str]) -> list[dict]:
+  return [{p: k[m] for p, k in zip(paths, kernels)} for m in range(kernels[0].shape[0])]
+
+
+def chain_reference(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
+                    rounds: int = 2) -> dict:
+  """The mean of the models aligned by whole-chain weight matching (permutations.align_to_mean);
+  `paths` names each layer of `kernels` in `spec`."""
+  from lps_jax import permutations
+  return permutations.align_to_mean(spec, _model_flats(kernels, paths), rounds)[0]
+
+
+def chain_features(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
+                   reference: dict) -> np.ndarray:
+  """(M, F): each model's layers, aligned to `reference` jointly, flattened."""
+  from lps_jax import permutations
+  rows = []
+  for flat in _model_flats(kernels, paths):
+    aligned = permutations.apply(spec, permutations.weight_matching(spec, reference, flat), flat)
+    rows.append(np.concatenate([aligned[p].ravel() for p in paths]))
+  return np.stack(rows)
+
+
 class FeatureProbe:
   """Fixed features + standardisation + multinomial logistic regression; the same interface
   as `second_order_fit.SecondOrderModel` (fit / predict / embed)."""
 
-  def __init__(self, features: str, layers: Sequence[int], num_classes: int, C: float = 1.0):
+  def __init__(self, features: str, layers: Sequence[int], num_classes: int, C: float = 1.0,
+               spec=None, paths: Sequence[str] = ()):
+    """`spec`, `paths` (rebasin_chain): the permutation spec and each read layer's path in it."""
     if features not in FEATURES:
       raise ValueError(f'unknown features {features!r}; choose from {sorted(FEATURES)}.')
+    if features == 'rebasin_chain' and (spec is None or len(paths) != len(layers)):
+      raise ValueError('rebasin_chain needs the permutation spec and a path per layer.')
     self.features, self.layers, self.num_classes, self.C = features, tuple(layers), num_classes, C
+    self.spec, self.paths = spec, tuple(paths)
     self.reference = None
 
   def _x(self, kernels) -> np.ndarray:
@@ -129,6 +162,10 @@ class FeatureProbe:
       if self.reference is None:
         self.reference = rebasin_reference(ks)
       return rebasin_features(ks, self.reference)
+    if self.features == 'rebasin_chain':
+      if self.reference is None:
+        self.reference = chain_reference(self.spec, ks, self.paths)
+      return chain_features(self.spec, ks, self.paths, self.reference)
     return {'weight_stats': weight_stats, 'gram': gram, 'sort': sort_canonical}[self.features](ks)
 
   def fit(self, kernels, labels, progress: Optional[Callable] = None) -> None:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from lps_jax import baselines
+from lps_jax import baselines, resnet
 from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel
 
 
@@ -27,6 +27,7 @@ class Method:
   features: Optional[str] = None  # probe features (baselines.FEATURES)
   paper: dict = dataclasses.field(default_factory=dict)  # protocol -> (top/rank-1, 5, 10)
   members: tuple = ()            # ensemble: names of the methods it averages
+  layers: tuple = ()             # conv layers it reads, if not the run config's (0-based)
 
   def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
     return dataclasses.replace(base, **dict(self.overrides)) if self.kind == 'second_order' else base
@@ -39,12 +40,13 @@ class Method:
     """The conv layers it reads."""
     if self.kind == 'ensemble':
       return tuple(sorted({i for m in self.members for i in get(m).active_layers(base)}))
-    return self.config(base).active_layers()
+    return self.layers or self.config(base).active_layers()
 
 
 _REG = (('weight_decay', 5e-4), ('val_per_task', 1))
 _STD = (('feature_norm', 'across'),)
 _FUSION_LAYERS = 3
+_STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps (lps_jax.slices)
 
 REGISTRY = {m.name: m for m in [
     Method('random', 'random prediction', 'random',
@@ -85,6 +87,9 @@ REGISTRY = {m.name: m for m in [
            'Schürholt et al. 2022, "Model Zoos"', features='sort'),
     Method('rebasin', 'weight matching to a reference + LR (Git Re-Basin)', 'probe',
            'Ainsworth et al. 2023, "Git Re-Basin"', features='rebasin'),
+    Method('rebasin_chain', 'whole-chain weight matching of stage 1 (layers 1-7) + LR',
+           'probe', 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, with ResNet\'s permutation '
+           'spec)', features='rebasin_chain', layers=tuple(range(_STAGE1_LAYERS))),
     # Added after the tables above were measured (RESULTS.md says so): the two best methods,
     # which read different things (learned alignment vs fixed second moments), averaged.
     Method('lps_gram', 'LPS + Gram probe, probabilities averaged', 'ensemble', 'this project',
@@ -146,7 +151,13 @@ def build(method: Method, base: SecondOrderConfig, num_classes: int):
   if method.kind == 'random':
     return RandomScores(num_classes, base.split_seed)
   if method.kind == 'probe':
-    return baselines.FeatureProbe(method.features, base.active_layers(), num_classes)
+    layers = method.active_layers(base)
+    if method.features != 'rebasin_chain':
+      return baselines.FeatureProbe(method.features, layers, num_classes)
+    names = resnet.conv_layer_names()
+    paths = [f'params/{names[i]}/kernel' for i in layers]
+    return baselines.FeatureProbe(method.features, layers, num_classes,
+                                  spec=resnet.permutation_spec().restrict(paths), paths=paths)
   if method.kind == 'ensemble':
     return Ensemble([build(get(m), base, num_classes) for m in method.members])
   return SecondOrderModel(method.config(base), num_classes)

@@ -42,6 +42,14 @@ class PermutationSpec:
     return PermutationSpec({g: tuple(v) for g, v in perm_to_axes.items()},
                            {k: tuple(v) for k, v in axes_to_perm.items()})
 
+  def restrict(self, paths: Sequence[str]) -> 'PermutationSpec':
+    """The spec of these variables only (e.g. the first layers of a network): the groups
+    that touch none of them drop out; the others keep only these axes."""
+    missing = [p for p in paths if p not in self.axes_to_perm]
+    if missing:
+      raise ValueError(f'the spec does not know {missing[:3]}.')
+    return PermutationSpec.from_axes({p: self.axes_to_perm[p] for p in paths})
+
   def sizes(self, flat: Flat) -> dict[str, int]:
     """The size of every group, read off the variables present (checked to agree)."""
     out = {}

@@ -49,6 +49,26 @@ def test_probe_features_are_invariant_to_permuting_hidden_units():
   assert not np.allclose(ps[0], ks[0])
 
 
+def test_whole_chain_matching_is_exactly_invariant_to_resnet_symmetry():
+  """rebasin_chain reads stage 1 of a ResNet-20 through its permutation spec: a model with all
+  its channel groups permuted (the residual stream shared across blocks) gets the same
+  features, bit for bit."""
+  from lps_jax import resnet
+  probe = methods.build(methods.get('rebasin_chain'), SecondOrderConfig(), 2)
+  names = resnet.conv_layer_names()[:7]
+  variables = [resnet.init_variables(jax.random.PRNGKey(i)) for i in range(4)]
+  permuted = [resnet.random_permutation(v, jax.random.PRNGKey(10 + i))
+              for i, v in enumerate(variables)]
+  stack = lambda vs: [np.stack([np.asarray(resnet.get_kernel(v['params'], n)) for v in vs])
+                      for n in names]
+  ks, ps = stack(variables), stack(permuted)
+  reference = baselines.chain_reference(probe.spec, ks, probe.paths)
+  a = baselines.chain_features(probe.spec, ks, probe.paths, reference)
+  b = baselines.chain_features(probe.spec, ps, probe.paths, reference)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(ks[3], ps[3])     # the raw weights did change
+
+
 def test_gram_and_weight_stats_match_plain_numpy():
   rng = np.random.default_rng(1)
   k = rng.normal(size=(2, 3, 3, 3, 4))
@@ -76,8 +96,9 @@ def test_every_registered_method_fits_predicts_and_embeds(name):
   rng = np.random.default_rng(0)
   kernels, y = _toy(rng)
   base = SecondOrderConfig(num_filters=4, epochs=3, lr_boundaries=(2,), learning_rate=0.01)
-  if m.num_layers(base) > 1:   # Fusion: three layers.
-    extra = [rng.normal(size=(y.size, 3, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+  if m.num_layers(base) > 1:   # fusion: three layers; the stage-1 chain: seven
+    extra = [rng.normal(size=(y.size, 3, 3, 8, 8)).astype(np.float32)
+             for _ in range(m.num_layers(base) - 1)]
     kernels = kernels + extra
   model = methods.build(m, base, 4)
   model.fit(kernels, y)
