@@ -115,8 +115,9 @@ class ResultsDir:
     self.path = path
     self.config = _canonical(config)
     cfg_path = os.path.join(path, self.CONFIG)
-    # Held until this object goes (the run ends): a second run on the folder stops at once.
-    self._lock = locks.hold(path, 'results folder', '--results_dir')
+    # Held until this object goes (the run ends): a second run on the folder stops at once
+    # (this process may open it again).
+    self._lock = locks.hold(path, 'results folder', '--results_dir', reentrant=True)
     if set(os.listdir(path)) - {locks.LOCK_NAME}:
       if not os.path.exists(cfg_path):
         raise ResultsError(f'{path} is not empty and has no {self.CONFIG}: it is not a results '

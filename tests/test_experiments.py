@@ -97,7 +97,7 @@ def test_transfer_similarity_and_ari(tiny_set, tmp_path):
 
 
 def test_figure_modes_bad_input(tiny_set, tmp_path):
-  r = _run('--mode=branches', '--branches=0,8', *_common(tiny_set, tmp_path, 'x'))
+  r = _run('--mode=branches', '--branches=1,8', *_common(tiny_set, tmp_path, 'x'))
   assert r.returncode != 0 and 'out of range' in r.stderr and '1..7' in r.stderr
   assert not os.path.exists(tmp_path / 'x')                  # nothing written
   r = _run('--mode=alignment', '--branches=1', *_common(tiny_set, tmp_path, 'x'))

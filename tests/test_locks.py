@@ -20,12 +20,18 @@ def test_second_holder_refused_until_the_first_lets_go(tmp_path):
     pass
 
 
-def test_a_killed_holder_never_blocks(tmp_path):
+def _holder(folder):
+  """A subprocess holding `folder`'s lock until killed."""
   code = (f'import sys, time; sys.path.insert(0, {ROOT!r}); from lps_jax import locks; '
-          f'f = locks.hold({str(tmp_path)!r}, "index", "--index"); print("held", flush=True); '
+          f'f = locks.hold({folder!r}, "index", "--index"); print("held", flush=True); '
           'time.sleep(60)')
   p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
   assert p.stdout.readline().strip() == 'held'
+  return p
+
+
+def test_a_killed_holder_never_blocks(tmp_path):
+  p = _holder(str(tmp_path))
   with pytest.raises(locks.FolderBusy, match=f'pid {p.pid} '):
     locks.hold(str(tmp_path), 'index', '--index')
   p.send_signal(signal.SIGKILL)
@@ -35,8 +41,11 @@ def test_a_killed_holder_never_blocks(tmp_path):
 
 def test_results_folder_is_one_run_at_a_time(tmp_path):
   d = str(tmp_path / 'res')
-  held = results.ResultsDir(d, {'a': 1})
-  with pytest.raises(locks.FolderBusy, match='--results_dir'):
+  p = _holder(d)
+  with pytest.raises(locks.FolderBusy, match=f'--results_dir'):
     results.ResultsDir(d, {'a': 1})
-  del held
-  results.ResultsDir(d, {'a': 1})       # the first run ended: the folder is free again
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  first = results.ResultsDir(d, {'a': 1})
+  results.ResultsDir(d, {'a': 1})      # this process again (a notebook cell rerun): fine
+  del first

@@ -135,4 +135,4 @@ def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   r = _query(index, str(paths['npz']), '--layers=stage2_block1/conv2')
   assert r.returncode != 0 and 'the index expects (3, 3, 3, 4)' in r.stderr
   r = _query(f'--index={tmp_path}/none', str(paths['npz']))
-  assert r.returncode != 0 and 'no index at' in r.stderr
+  assert r.returncode != 0 and 'none: not found. Build one with --build' in r.stderr
