@@ -31,15 +31,16 @@ flags.DEFINE_string('foreign', 'runs/torch_models', 'Folder of foreign checkpoin
 flags.DEFINE_string('out', 'results/query_eval', 'Where to write results.json / results.md.')
 flagdefs.input_path('modelset')
 flagdefs.check('index_runs', Range(1, integer=True))
-flagdefs.parsed('foreign', lambda v: None if os.path.isfile(os.path.join(v, 'models.json')) else
-                _raise(ValueError(f'no models.json in {v} (experiments/torch_models.py '
-                                  'writes one).')))
+
+
+def _has_models_json(folder: str) -> None:
+  if not os.path.isfile(os.path.join(folder, 'models.json')):
+    raise ValueError(f'no models.json in {folder} (experiments/torch_models.py writes one).')
+
+
+flagdefs.parsed('foreign', _has_models_json)
 flagdefs.output_path('out', 'dir')
 FLAGS = flags.FLAGS
-
-
-def _raise(e):
-  raise e
 
 
 def _scores(probs, tasks, truth):

@@ -206,10 +206,11 @@ def conv_kernels(arrays: dict[str, np.ndarray], num_layers: int, layout: str = '
                           f'{chosen[:10]}; name them with --layers or set --layout.')
   out = []
   for n in chosen[:num_layers]:
-    if np.asarray(arrays[n]).dtype.kind in 'biuSUO':
-      raise CheckpointError(f'{origin}: {n} is {np.asarray(arrays[n]).dtype}, not a float conv '
-                            'kernel (quantized weights: dequantize them first).')
-    k = np.asarray(arrays[n], np.float32)
+    raw = np.asarray(arrays[n])
+    if raw.dtype.kind in 'biuSUO':
+      raise CheckpointError(f'{origin}: {n} is {raw.dtype}, not a float conv kernel (quantized '
+                            'weights: dequantize them first).')
+    k = raw.astype(np.float32)
     if k.ndim != 4:
       raise CheckpointError(f'{origin}: {n} has shape {k.shape}, not a 4-D conv kernel.')
     out.append(k if layout == 'hwio' else k.transpose(2, 3, 1, 0))

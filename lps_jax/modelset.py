@@ -204,16 +204,15 @@ def load_kernels(path: str, num_layers: int = 1) -> Kernels:
         config = json.loads(str(f['config']))
         names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(config['model']))
         # Slices keep layers past the first as float16 (lps_jax.slices): read back as float32.
-        kernels = [_kernel_array(path, n, f[f'kernel/{n}']) if f'kernel/{n}' in f.files
-                   else None for n in names[:num_layers]]
+        raw = [f[f'kernel/{n}'] if f'kernel/{n}' in f.files else None
+               for n in names[:num_layers]]
         task_id = np.asarray(f['task_id'])
         run = np.asarray(f['run'])
-    except ModelSetError:
-      raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
       raise ModelSetError(f'{path} is not a readable kernels file ({type(e).__name__}: {e}); '
                           'it may be truncated or not an export_kernels .npz: re-export it '
                           'with train_population --export_kernels.') from e
+    kernels = [None if k is None else _kernel_array(path, n, k) for n, k in zip(names, raw)]
     for what, rows in (('task_id', task_id), ('run', run)):
       if kernels[0] is not None and rows.shape != (kernels[0].shape[0],):
         raise ModelSetError(f'{path}: {what} has shape {rows.shape} but the kernels hold '
