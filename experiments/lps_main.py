@@ -35,6 +35,9 @@ flags.DEFINE_list('methods', list(methods.PAPER_METHODS),
 flags.DEFINE_list('split_seeds', ['0', '1', '2'], 'Model / task splits to average over.')
 flags.DEFINE_list('branches', None, '1-based branches (conv layers) for the branches / alignment '
                   'modes; default all (1..19), or 2..19 for alignment.')
+flags.DEFINE_list('branch_methods', ['lps'], 'Branches mode: what reads each branch: lps (the '
+                  "paper's Eq. 5-8) and/or wn_branch (Frobenius + FC by index on whole-network "
+                  'aligned kernels, no sort; needs the model set folder).')
 flagdefs.define(second_order_fit.SecondOrderConfig, skip=('method', 'split_seed'))
 flags.DEFINE_integer('test_tasks', 10, 'Held-out tasks (retrieval and transfer modes).')
 flags.DEFINE_enum('dataset', 'npz', ['npz', 'tfds'],
@@ -56,6 +59,7 @@ flagdefs.input_path('modelset', hint='A model set folder comes from train_popula
                     'tables also take a kernels .npz from results/.')
 flagdefs.input_path('compare_modelset')
 flagdefs.names('methods', list(methods.REGISTRY), 'method')
+flagdefs.names('branch_methods', list(lps_modes.BRANCH_METHODS), 'branch method')
 flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)
 flagdefs.check('branches', Range(1, integer=True), item=int)
 for _name in ('test_tasks', 'num_permutations'):
@@ -69,7 +73,8 @@ FLAGS = flags.FLAGS
 
 # Flags that determine the results besides the SecondOrderConfig (a results folder holds one
 # configuration).
-RUN_FLAGS = ('mode', 'modelset', 'methods', 'split_seeds', 'branches', 'test_tasks', 'dataset',
+RUN_FLAGS = ('mode', 'modelset', 'methods', 'branch_methods', 'split_seeds', 'branches',
+             'test_tasks', 'dataset',
              'num_permutations', 'compare_modelset')
 
 
@@ -119,14 +124,18 @@ def main(argv):
     config = flagdefs.build(second_order_fit.SecondOrderConfig, FLAGS,
                             skip=('method', 'split_seed'))
     branches = [int(b) for b in FLAGS.branches] if FLAGS.branches else None
-    kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, FLAGS.methods,
-                                                    branches)
+    images = lps_modes.test_split_loader(FLAGS.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir)
+    cache = results.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None
+    readers = FLAGS.methods if mode.takes_methods else FLAGS.branch_methods
+    kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, readers,
+                                                    branches, images, cache)
     compare = None
     if FLAGS.compare_modelset:
       if not mode.takes_methods:
         raise ValueError(f'--compare_modelset is for the tables; {mode.name} mode takes one '
                          'model set.')
-      other = lps_modes.load(mode, FLAGS.compare_modelset, config, FLAGS.methods, None)
+      other = lps_modes.load(mode, FLAGS.compare_modelset, config, FLAGS.methods, None, images,
+                             cache)
       compare = lps_modes.restrict(other[0], other[1], np.unique(task_id),
                                    FLAGS.compare_modelset)
     out_dir = None
@@ -138,10 +147,9 @@ def main(argv):
     sys.exit(f'error: {e}')
 
   ctx = lps_modes.Context(
-      kernels, task_id, config, [int(s) for s in FLAGS.split_seeds], FLAGS.methods, branches,
+      kernels, task_id, config, [int(s) for s in FLAGS.split_seeds], readers, branches,
       ms, FLAGS.test_tasks, FLAGS.num_permutations,
-      images=lps_modes.test_split_loader(FLAGS.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir),
-      cache=results.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None)
+      images=images, cache=cache)
   bar = _bar(mode.fits(ctx) * (2 if compare else 1), f'{mode.name}: second-order epochs')
   ctx.progress = _progress(bar)
   if mode.name == 'transfer':

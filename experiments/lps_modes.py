@@ -44,6 +44,7 @@ class Mode:
   takes_methods: bool = False           # runs --methods (the tables)
   folder_reason: Optional[str] = None   # why it needs the full model set folder, if it does
   first_branch: int = 1                 # lowest branch it accepts (alignment: 2)
+  branch_methods: bool = False          # runs --branch_methods (BRANCH_METHODS) per branch
 
   def fits(self, ctx: Context) -> int:
     """Progress units (second-order epochs) of a whole run."""
@@ -74,14 +75,17 @@ def run_retrieval(ctx: Context) -> dict:
 
 
 def run_branches(ctx: Context) -> dict:
+  """{branch: [per seed]} for the paper's reader alone (the committed figures' format), or
+  {reader: {branch: [per seed]}} when --branch_methods names others."""
   out = {}
-  for seed in ctx.seeds:
-    r = protocols.run_branches(ctx.kernels, ctx.task_id, ctx.config,
-                               [b - 1 for b in ctx.branches], seed, progress=ctx.progress,
-                               cache=ctx.cache)
-    for layer, acc in r.items():
-      out.setdefault(str(layer + 1), []).append(dict(acc, split_seed=seed))
-  return out
+  for name in ctx.methods:
+    for seed in ctx.seeds:
+      r = protocols.run_branches(ctx.kernels, ctx.task_id, ctx.config,
+                                 [b - 1 for b in ctx.branches], seed, progress=ctx.progress,
+                                 cache=ctx.cache, method=name)
+      for layer, acc in r.items():
+        out.setdefault(name, {}).setdefault(str(layer + 1), []).append(dict(acc, split_seed=seed))
+  return out['lps'] if list(out) == ['lps'] else out
 
 
 def run_alignment(ctx: Context) -> dict:
@@ -150,18 +154,33 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
   return text + ('\nMethods beyond the paper: ' + '; '.join(cites) + '.\n' if cites else '')
 
 
+BRANCH_METHODS = {'lps': "LPS (Eq. 5-8, the paper's)",
+                  'wn_branch': 'whole-network aligned, Frobenius + FC by index'}
+
+
 def render_branches(res: dict, results_dir: Optional[str]) -> str:
   summary = res['results']
-  lines = _header('Fig. 3b: one branch at a time (task classification, LPS)', res['command'],
-                  ['branch', 'top-1 (%)', 'top-5 (%)', 'top-10 (%)'])
-  for branch, runs in summary.items():
-    lines.append(f'| {branch} | ' + ' | '.join(_mean_std([r[k] for r in runs])
-                                              for k in ('top-1', 'top-5', 'top-10')) + ' |')
+  by_method = summary if set(summary) <= set(BRANCH_METHODS) else {'lps': summary}
+  first = next(iter(by_method.values()))
+  cols = [f'{name} top-{k} (%)' for name in by_method for k in (1, 5)]
+  lines = _header('Fig. 3b: one branch at a time (task classification)', res['command'],
+                  ['branch'] + cols)
+  for branch in first:
+    lines.append(f'| {branch} | ' + ' | '.join(
+        _mean_std([r[f'top-{k}'] for r in per[branch]]) for per in by_method.values()
+        for k in (1, 5)) + ' |')
   if results_dir:
-    plots.branch_bars([int(b) for b in summary],
-                      [np.mean([r['top-1'] for r in runs]) for runs in summary.values()],
-                      res['chance'], os.path.join(results_dir, 'fig3b_branches.png'))
-  return '\n'.join(lines) + '\n\n' + PAPER_FIGURES['branches'] + '\n'
+    top1 = {BRANCH_METHODS[n]: [np.mean([r['top-1'] for r in per[b]]) for b in first]
+            for n, per in by_method.items()}
+    path = os.path.join(results_dir, 'fig3b_branches.png')
+    if len(top1) == 1:
+      plots.branch_bars([int(b) for b in first], next(iter(top1.values())), res['chance'], path)
+    else:
+      plots.alignment_bars([int(b) for b in first], top1, res['chance'], path,
+                           title='Fig. 3b: one branch at a time, with and without '
+                                 'whole-network alignment')
+  readers = '; '.join(f'`{n}`: {BRANCH_METHODS[n]}' for n in by_method)
+  return ('\n'.join(lines) + f'\n\nReaders: {readers}.\n\n' + PAPER_FIGURES['branches'] + '\n')
 
 
 def render_alignment(res: dict, results_dir: Optional[str]) -> str:
@@ -213,8 +232,9 @@ MODES = {m.name: m for m in [
          render_transfer, lambda ctx: ctx.config.epochs,
          folder_reason='runs the first-order models on images, so it ' + _FOLDER),
     Mode('branches', 'Fig. 3b: one branch at a time.', run_branches, render_branches,
-         lambda ctx: len(ctx.branches) * ctx.config.epochs,
-         folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER),
+         lambda ctx: len(ctx.methods) * len(ctx.branches) * ctx.config.epochs,
+         folder_reason='trains branches of deeper conv layers, so it ' + _FOLDER,
+         branch_methods=True),
     Mode('alignment', 'Fig. 3c: alignment ablation, branches 2..19.', run_alignment,
          render_alignment,
          lambda ctx: len(protocols.ALIGNMENT_VARIANTS) * len(ctx.branches) * ctx.config.epochs,
@@ -239,12 +259,16 @@ def render(res: dict, results_dir: Optional[str]) -> str:
 
 # -- validation and loading, in one place
 def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[str],
-         branches: Optional[list[int]]) -> tuple[list, np.ndarray, Optional[modelset.ModelSet],
-                                                 Optional[list[int]]]:
+         branches: Optional[list[int]], images: Optional[Callable] = None,
+         cache=None) -> tuple[list, np.ndarray, Optional[modelset.ModelSet],
+                              Optional[list[int]]]:
   """(kernels, task_id, model set or None, branches or None) for `mode`, or a ValueError
-  (ModelSetError) saying what to pass instead."""
-  chosen = [methods.get(m) for m in method_names] if mode.takes_methods else []
-  if mode.folder_reason is None:
+  (ModelSetError) saying what to pass instead. Methods that read whole networks get a
+  `modelset.NetworkStack` (with the models' logits on probe images from `images()` where one
+  needs them) as the kernels."""
+  chosen = [methods.get(m) for m in method_names] if mode.takes_methods or mode.branch_methods else []
+  readers = [m.name for m in chosen if m.reads_networks]
+  if mode.folder_reason is None and not readers:
     num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
     kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)
     for m in chosen:
@@ -255,8 +279,21 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
                                      '.npz.')
     return kernels, task_id, None, None
   if path.endswith('.npz'):
-    raise modelset.ModelSetError(f'{mode.name} mode {mode.folder_reason}; got {path}.')
+    why = (f'{mode.name} mode {mode.folder_reason}' if mode.folder_reason else
+           f'{", ".join(readers)} read every layer, BatchNorm and the FC of each model, so they '
+           f'{_FOLDER}')
+    raise modelset.ModelSetError(f'{why}; got {path}. Build it with python -m '
+                                 'experiments.train_population '
+                                 '--flagfile=experiments/flags/modelset_cpu.flags (~1 h on 2 '
+                                 'cores).')
   ms = modelset.load(path)
+  stack = None
+  if readers:
+    stack = modelset.network_stack(ms)
+    if any(m.reads_probe_outputs for m in chosen):
+      stack = stack.with_array(methods.PROBE_OUTPUTS, functional_outputs(stack, images, cache))
+  if mode.takes_methods:
+    return stack, ms.task_id, None, None
   if mode.name == 'transfer':
     kernels, _ = modelset.layer_kernels(ms, len(config.layer_weights))
     return kernels, ms.task_id, ms, None
@@ -267,8 +304,22 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
     raise ValueError(f'--branches {bad} out of range: {mode.name} mode takes branches '
                      f'{mode.first_branch}..{len(names)} of this model set (1-based, one per '
                      'conv layer).')
-  kernels, _ = modelset.layer_kernels(ms, max(branches))
+  kernels = stack if stack is not None else modelset.layer_kernels(ms, max(branches))[0]
   return kernels, ms.task_id, ms, branches
+
+
+def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None) -> np.ndarray:
+  """The functional reference's features: every model's logits on 2 test-split images per
+  class (`whole_network.probe_logits`), kept in `cache`."""
+  from lps_jax import results, whole_network
+  split = images()
+  probe = whole_network.probe_images(split.images, split.labels)
+  compute = lambda: {'logits': whole_network.probe_logits(stack, probe)}
+  if cache is None:
+    return compute()['logits']
+  key = {'kind': 'probe_logits', 'images': results.fingerprint(probe),
+         'models': results.fingerprint(*stack)}
+  return cache.arrays(key, compute)['logits']
 
 
 def restrict(kernels: list, task_id: np.ndarray, tasks, path: str) -> tuple[list, np.ndarray]:
@@ -278,6 +329,8 @@ def restrict(kernels: list, task_id: np.ndarray, tasks, path: str) -> tuple[list
   if absent:
     raise modelset.ModelSetError(f'{path} has no models of tasks {absent[:10]}, which the '
                                  'compared model set holds; compare sets with the same tasks.')
+  if isinstance(kernels, modelset.NetworkStack):
+    return kernels.take(np.flatnonzero(keep)), task_id[keep]
   return [k[keep] if k is not None else None for k in kernels], task_id[keep]
 
 

@@ -21,16 +21,34 @@ from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel
 class Method:
   name: str
   label: str
-  kind: str                      # 'random' | 'second_order' | 'probe' | 'ensemble'
+  kind: str                      # 'random' | 'second_order' | 'probe' | 'ensemble' | 'network'
   cite: str = 'LPS paper, Sec. 5.1'
   overrides: tuple = ()          # (field, value) pairs applied to the SecondOrderConfig
   features: Optional[str] = None  # probe features (baselines.FEATURES)
   paper: dict = dataclasses.field(default_factory=dict)  # protocol -> (top/rank-1, 5, 10)
   members: tuple = ()            # ensemble: names of the methods it averages
   layers: tuple = ()             # conv layers it reads, if not the run config's (0-based)
+  network: Optional[str] = None  # 'network' kind: what reads the whole networks (NETWORK)
+  aligned: bool = False          # 'network' kind: whole-network weight matching first
 
   def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
-    return dataclasses.replace(base, **dict(self.overrides)) if self.kind == 'second_order' else base
+    if self.kind == 'second_order' or self.network == 'second_order':
+      return dataclasses.replace(base, **dict(self.overrides))
+    return base
+
+  @property
+  def reads_networks(self) -> bool:
+    """Whether it needs every variable of each model (the model set folder), not kernels."""
+    if self.kind == 'ensemble':
+      return any(get(m).reads_networks for m in self.members)
+    return self.kind == 'network'
+
+  @property
+  def reads_probe_outputs(self) -> bool:
+    """Whether it needs the models' outputs on probe images (`whole_network.probe_logits`)."""
+    if self.kind == 'ensemble':
+      return any(get(m).reads_probe_outputs for m in self.members)
+    return self.network == 'functional'
 
   def num_layers(self, base: SecondOrderConfig) -> int:
     """How many conv layers (network order) its kernels must include."""
@@ -47,6 +65,11 @@ _REG = (('weight_decay', 5e-4), ('val_per_task', 1))
 _STD = (('feature_norm', 'across'),)
 _FUSION_LAYERS = 3
 _STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps (lps_jax.slices)
+_RESNET20_LAYERS = 19
+_REBASIN = 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, whole network, ResNet\'s permutation spec)'
+# What reads whole networks ('network' kind), all in lps_jax.whole_network / invariant_net.
+NETWORK = ('probe', 'second_order', 'invariant', 'functional')
+PROBE_OUTPUTS = 'functional/logits'
 
 REGISTRY = {m.name: m for m in [
     Method('random', 'random prediction', 'random',
@@ -90,6 +113,24 @@ REGISTRY = {m.name: m for m in [
     Method('rebasin_chain', 'whole-chain weight matching of stage 1 (layers 1-7) + LR',
            'probe', 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, with ResNet\'s permutation '
            'spec)', features='rebasin_chain', layers=tuple(range(_STAGE1_LAYERS))),
+    # Whole networks (every layer; the model set folder): aligned by weight matching first
+    # where `aligned`, then read (lps_jax.whole_network).
+    Method('wn_probe', 'whole-network weight matching + linear probe (all weights, BN, FC)',
+           'network', _REBASIN + ' + LR', network='probe', aligned=True),
+    Method('wn_probe_unaligned', 'linear probe on all weights, no alignment', 'network',
+           'this project (control)', network='probe'),
+    Method('wn_lps', 'LPS branches 1-19 on aligned layers (Eq. 5/7 by index), fused, learned w_l',
+           'network', 'this project; ' + _REBASIN, network='second_order', aligned=True,
+           overrides=(('method', 'none'), ('layer_weights', (1.0,) * _RESNET20_LAYERS),
+                      ('learned_weights', True)) + _STD),
+    Method('wn_branch', 'Frobenius + FC on whole-network-aligned kernels (Eq. 5/7 by index)',
+           'network', 'this project; ' + _REBASIN, network='second_order', aligned=True,
+           overrides=(('method', 'none'),)),
+    Method('wn_invariant', 'permutation-invariant weight-space network, all layers (NFN-style)',
+           'network', 'after Zhou et al. 2023 (NFN) and 2024 (UNF); lps_jax.invariant_net',
+           network='invariant'),
+    Method('functional', 'functional reference: logits on 200 probe images + LR (not weight-space)',
+           'network', 'this project (outputs of the models, as a ceiling)', network='functional'),
     # Added after the tables above were measured (RESULTS.md says so): the two best methods,
     # which read different things (learned alignment vs fixed second moments), averaged.
     Method('lps_gram', 'LPS + Gram probe, probabilities averaged', 'ensemble', 'this project',
@@ -146,8 +187,9 @@ def _rows(kernels) -> int:
   return next(np.asarray(k).shape[0] for k in kernels if k is not None)
 
 
-def build(method: Method, base: SecondOrderConfig, num_classes: int):
-  """An unfitted model of `method` for `num_classes` tasks (`base.split_seed` seeds it)."""
+def build(method: Method, base: SecondOrderConfig, num_classes: int, cache=None):
+  """An unfitted model of `method` for `num_classes` tasks (`base.split_seed` seeds it;
+  `cache`, a `results.Cache`, keeps whole-network alignments)."""
   if method.kind == 'random':
     return RandomScores(num_classes, base.split_seed)
   if method.kind == 'probe':
@@ -159,12 +201,36 @@ def build(method: Method, base: SecondOrderConfig, num_classes: int):
     return baselines.FeatureProbe(method.features, layers, num_classes,
                                   spec=resnet.permutation_spec().restrict(paths), paths=paths)
   if method.kind == 'ensemble':
-    return Ensemble([build(get(m), base, num_classes) for m in method.members])
+    return Ensemble([build(get(m), base, num_classes, cache) for m in method.members])
+  if method.kind == 'network':
+    return _network(method, base, num_classes, cache)
   return SecondOrderModel(method.config(base), num_classes)
+
+
+def _network(method: Method, base: SecondOrderConfig, num_classes: int, cache):
+  from lps_jax import invariant_net, whole_network
+  if method.network == 'probe':
+    inner = whole_network.FlatProbe(('params/',), num_classes)
+  elif method.network == 'functional':
+    inner = whole_network.FlatProbe((PROBE_OUTPUTS,), num_classes)
+  elif method.network == 'second_order':
+    inner = SecondOrderModel(method.config(base), num_classes)
+  elif method.network == 'invariant':
+    inner = invariant_net.InvariantModel(invariant_net.InvariantConfig(seed=base.seed),
+                                         num_classes, split_seed=base.split_seed)
+  else:
+    raise ValueError(f'unknown network reader {method.network!r}; choose from {NETWORK}.')
+  if method.aligned:
+    return whole_network.Aligned(inner, whole_network.Aligner(seed=base.split_seed, cache=cache))
+  return inner
 
 
 def fit_count(method: Method, base: SecondOrderConfig) -> int:
   """Epochs a progress bar counts for one fit."""
   if method.kind == 'ensemble':
     return sum(fit_count(get(m), base) for m in method.members)
-  return method.config(base).epochs if method.kind == 'second_order' else 1
+  if method.network == 'invariant':
+    from lps_jax import invariant_net
+    return invariant_net.InvariantConfig().epochs
+  uses_config = method.kind == 'second_order' or method.network == 'second_order'
+  return method.config(base).epochs if uses_config else 1

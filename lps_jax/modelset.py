@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lps_jax import resnet
+from lps_jax import permutations, resnet
 
 
 class ModelSetError(ValueError):
@@ -227,3 +227,68 @@ def load_kernels(path: str, num_layers: int = 1) -> Kernels:
       raise ModelSetError(f'{path}: layer {name} has NaN/Inf weights in models {bad[:10]}; '
                           'retrain or drop those models.')
   return Kernels(kernels, task_id, names, run)
+
+
+class NetworkStack(list):
+  """Every variable of M models as a list of (M, ...) arrays: the conv layers' kernels first,
+  in network order (so `stack[l]` is conv layer l, as in a `Kernels` list, and every
+  kernel-reading method takes it), then the network's other variables (shortcut convs,
+  BatchNorm parameters and statistics, the FC layer) and any derived per-model arrays, each
+  named by `paths` (`lps_jax.permutations.flatten` paths, e.g. 'params/dense/kernel').
+  `model` is the ResNetConfig dict the models were built with."""
+
+  def __init__(self, arrays: Sequence[np.ndarray], paths: Sequence[str], model: dict,
+               num_conv: int):
+    super().__init__(arrays)
+    if len(paths) != len(self):
+      raise ValueError(f'{len(self)} arrays but {len(paths)} paths.')
+    self.paths, self.model, self.num_conv = list(paths), dict(model), num_conv
+
+  def take(self, rows) -> 'NetworkStack':
+    return NetworkStack([np.asarray(a)[rows] for a in self], self.paths, self.model,
+                        self.num_conv)
+
+  def spec(self) -> permutations.PermutationSpec:
+    """The models' channel symmetry (`resnet.permutation_spec` of their config)."""
+    return resnet.permutation_spec(resnet.ResNetConfig.from_dict(self.model))
+
+  def get(self, path: str) -> np.ndarray:
+    if path not in self.paths:
+      raise KeyError(f'{path!r} is not in this network stack (it holds {self.paths[:4]}...).')
+    return self[self.paths.index(path)]
+
+  def with_array(self, path: str, array: np.ndarray) -> 'NetworkStack':
+    """This stack with one more (M, ...) array (a derived per-model feature) at the end."""
+    if np.asarray(array).shape[:1] != np.asarray(self[0]).shape[:1]:
+      raise ValueError(f'{path}: {np.asarray(array).shape[0]} rows for '
+                       f'{np.asarray(self[0]).shape[0]} models.')
+    return NetworkStack(list(self) + [np.asarray(array)], self.paths + [path], self.model,
+                        self.num_conv)
+
+  def model_flats(self, prefix: str = '') -> list[dict]:
+    """One {path: array} dict per model, of the paths that start with `prefix`."""
+    chosen = [(p, a) for p, a in zip(self.paths, self) if p.startswith(prefix)]
+    return [{p: np.asarray(a[m]) for p, a in chosen} for m in range(np.asarray(self[0]).shape[0])]
+
+  def replaced(self, flats: Sequence[dict]) -> 'NetworkStack':
+    """This stack with the paths the per-model dicts hold restacked from them."""
+    arrays = [np.stack([f[p] for f in flats]) if p in flats[0] else a
+              for p, a in zip(self.paths, self)]
+    return NetworkStack(arrays, self.paths, self.model, self.num_conv)
+
+
+def require_stack(stack, reader: str) -> NetworkStack:
+  """`stack` if it is a NetworkStack, else one line saying to pass the model set folder."""
+  if not isinstance(stack, NetworkStack):
+    raise ModelSetError(f'{reader} reads every variable of each model: pass the full model set '
+                        'folder (train_population workdir/modelset), not a kernels .npz.')
+  return stack
+
+
+def network_stack(model_set: ModelSet) -> NetworkStack:
+  """All variables of a model set, conv kernels first (`NetworkStack`)."""
+  names = resnet.conv_layer_names(resnet.ResNetConfig.from_dict(model_set.config['model']))
+  flat = permutations.flatten({'params': model_set.params, 'batch_stats': model_set.batch_stats})
+  conv = [f'params/{n}/kernel' for n in names]
+  paths = conv + sorted(set(flat) - set(conv))
+  return NetworkStack([flat[p] for p in paths], paths, model_set.config['model'], len(conv))

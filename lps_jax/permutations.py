@@ -112,6 +112,24 @@ def inverse(perms: Perms) -> Perms:
   return {g: np.argsort(p) for g, p in perms.items()}
 
 
+def sorted_init(spec: PermutationSpec, reference: Flat, model: Flat) -> Perms:
+  """A start for weight matching that does not depend on the model's channel order: each
+  group's assignment on the channels' slices with their values sorted (a sorted slice is
+  invariant to every other group's permutation). Weight matching from it, in a seeded group
+  order, is then equivariant: a permuted copy of a model lands on the same aligned model
+  (up to ties)."""
+  perms = {}
+  for g, n in spec.sizes(model).items():
+    gain = np.zeros((n, n))
+    for path, axis in spec.perm_to_axes[g]:
+      if path in reference and path in model:
+        a = np.sort(np.moveaxis(reference[path], axis, 0).reshape(n, -1), axis=1)
+        b = np.sort(np.moveaxis(model[path], axis, 0).reshape(n, -1), axis=1)
+        gain += a @ b.T
+    perms[g] = linear_sum_assignment(gain, maximize=True)[1]
+  return perms
+
+
 def weight_matching(spec: PermutationSpec, reference: Flat, model: Flat,
                     rng: Optional[np.random.Generator] = None, max_iter: int = 100,
                     init: Optional[Perms] = None) -> Perms:

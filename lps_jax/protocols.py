@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from lps_jax import methods, metrics, results, transfer
+from lps_jax import methods, metrics, modelset, results, transfer
 from lps_jax.second_order_fit import SecondOrderConfig
 
 # Fig. 3c variants for layers >= 2: (label, methods.REGISTRY name).
@@ -89,7 +89,7 @@ def fit(method: methods.Method | str, config: SecondOrderConfig, num_classes: in
   if method.kind == 'ensemble':   # each member through the cache
     return methods.Ensemble([fit(m, config, num_classes, kernels, labels, cache, progress)
                              for m in method.members])
-  model = methods.build(method, config, num_classes)
+  model = methods.build(method, config, num_classes, cache)
   if method.kind != 'second_order' or cache is None:
     model.fit(kernels, labels, progress=progress)
     return model
@@ -123,14 +123,16 @@ def _check_layers(layers, num_layers: int) -> list[int]:
 
 def run_branches(kernels, task_id, config: SecondOrderConfig, layers,
                  split_seed: int = 0, progress: Optional[Callable] = None,
-                 cache: Optional[results.Cache] = None) -> dict:
-  """Fig. 3b: one branch at a time (w_l = 1 for l = l', else 0), task classification (LPS).
+                 cache: Optional[results.Cache] = None, method: str = 'lps') -> dict:
+  """Fig. 3b: one branch at a time (w_l = 1 for l = l', else 0), task classification, read
+  by `method` (LPS; 'wn_branch' on whole-network-aligned kernels).
 
   `layers` are 0-based conv layer indices (branch l' = layer + 1). Returns
   {layer: {'top-1': .., 'top-5': .., 'top-10': ..}}.
   """
-  layers = _check_layers(layers, len(kernels))
-  return {l: run_classification(kernels, task_id, 'lps',
+  num_conv = kernels.num_conv if isinstance(kernels, modelset.NetworkStack) else len(kernels)
+  layers = _check_layers(layers, num_conv)
+  return {l: run_classification(kernels, task_id, method,
                                 dataclasses.replace(config, layer_weights=_one_hot_weights(l)),
                                 split_seed, progress=progress, cache=cache) for l in layers}
 
@@ -186,6 +188,8 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
 
 
 def _take(kernels, rows):
+  if isinstance(kernels, modelset.NetworkStack):
+    return kernels.take(rows)
   return [None if k is None else np.asarray(k)[rows] for k in kernels]
 
 

@@ -61,6 +61,9 @@ def test_lps_main_bad_model_sets(tmp_path):
   r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
            '--methods=lps_fusion')
   assert r.returncode != 0 and "(method 'lps_fusion')" in r.stderr
+  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
+           '--methods=lps,wn_probe')
+  assert r.returncode != 0 and 'wn_probe read every layer' in r.stderr and 'modelset_cpu' in r.stderr
   r = _run('experiments.lps_main', '--methods=lps,lsp')
   assert r.returncode != 0 and "unknown method 'lsp'" in r.stderr
   blob = open(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'),

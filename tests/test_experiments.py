@@ -163,3 +163,32 @@ def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
   bad = _run(*(args[:-4] + [f'--modelset={tiny_set}', f'--compare_modelset={part}',
                             '--methods=lps', '--val_per_task=0', '--layer_weights=1']))
   assert bad.returncode != 0 and 'has no models of tasks [3, 4, 5]' in bad.stderr
+
+
+def test_table1_whole_network_methods_and_the_functional_reference(tiny_set, tmp_path, data_dir):
+  args = ['--mode=classification', '--methods=wn_probe,wn_probe_unaligned,functional'] + _common(
+      tiny_set, tmp_path, 'wn')
+  _ok(_run(*args))
+  res = results.read_results(str(tmp_path / 'wn'), 'classification')
+  assert set(res['results']) == {'wn_probe', 'wn_probe_unaligned', 'functional'}
+  for runs in res['results'].values():
+    _accuracies_in_range(runs[0])
+  # The tiny set's signal is an offset on raw weights: both probes see it.
+  assert res['results']['wn_probe'][0]['top-1'] > 1 / 6
+  assert len(list((tmp_path / 'cache').glob('*.npz'))) >= 3   # reference, perms, probe logits
+  text = open(tmp_path / 'wn' / 'results.md').read()
+  assert 'functional reference' in text and 'Git Re-Basin' in text
+
+
+def test_branches_with_and_without_whole_network_alignment(tiny_set, tmp_path):
+  _ok(_run('--mode=branches', '--branches=1,4', '--branch_methods=lps,wn_branch',
+           *_common(tiny_set, tmp_path, 'bw')))
+  res = json.load(open(tmp_path / 'bw' / 'results.json'))
+  assert list(res['results']) == ['lps', 'wn_branch']
+  for per in res['results'].values():
+    assert list(per) == ['1', '4']
+    for runs in per.values():
+      _accuracies_in_range(runs[0])
+  text = open(tmp_path / 'bw' / 'results.md').read()
+  assert 'lps top-1 (%)' in text and 'wn_branch top-1 (%)' in text
+  assert os.path.getsize(tmp_path / 'bw' / 'fig3b_branches.png') > 1000

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import baselines, methods, protocols, results
+from lps_jax import baselines, methods, modelset, protocols, results
 from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel, validation_rows
 
 
@@ -96,6 +96,10 @@ def test_every_registered_method_fits_predicts_and_embeds(name):
   rng = np.random.default_rng(0)
   kernels, y = _toy(rng)
   base = SecondOrderConfig(num_filters=4, epochs=3, lr_boundaries=(2,), learning_rate=0.01)
+  if m.reads_networks:   # fitted on whole networks in test_whole_network; kernels are refused
+    with pytest.raises(modelset.ModelSetError, match='pass the full model set folder'):
+      methods.build(m, base, 4).fit(kernels, y)
+    return
   if m.num_layers(base) > 1:   # fusion: three layers; the stage-1 chain: seven
     extra = [rng.normal(size=(y.size, 3, 3, 8, 8)).astype(np.float32)
              for _ in range(m.num_layers(base) - 1)]

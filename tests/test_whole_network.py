@@ -1,0 +1,139 @@
+"""Whole-network methods (lps_jax.whole_network, lps_jax.invariant_net): exact invariance to the
+permutation spec, agreement with the plain model, and learning beyond chance."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from lps_jax import invariant_net, methods, modelset, permutations, protocols, resnet
+from lps_jax import whole_network
+from lps_jax.second_order_fit import SecondOrderConfig
+
+TINY = resnet.ResNetConfig((2, 1, 1), (4, 6, 8))   # with shortcut convs in stages 2 and 3
+
+
+def _stack(num_tasks=4, runs=4, config=TINY, seed=0, signal=0.5):
+  """Models whose weights carry a task signal: a per-task offset, then every model's channels
+  randomly permuted (so the signal is only visible up to the symmetry)."""
+  rng = np.random.default_rng(seed)
+  spec = resnet.permutation_spec(config)
+  flats, task_id = [], []
+  for t in range(num_tasks):
+    offset = permutations.flatten(resnet.init_variables(jax.random.PRNGKey(1000 + t), config))
+    for r in range(runs):
+      v = permutations.flatten(resnet.init_variables(jax.random.PRNGKey(seed * 97 + t * runs + r),
+                                                     config))
+      v = {k: (x + signal * offset[k] if k.startswith('params/') else np.abs(x + 0.1 *
+               rng.standard_normal(x.shape)).astype(np.float32)) for k, x in v.items()}
+      flats.append(permutations.apply(spec, permutations.random_perms(spec, v, rng), v))
+      task_id.append(t)
+  tree = permutations.unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})
+  task_id = np.asarray(task_id)
+  ms = modelset.ModelSet(tree['params'], tree['batch_stats'], task_id, task_id * 0, task_id * 0,
+                         np.zeros(len(task_id)), {'model': dataclasses.asdict(config)})
+  return modelset.network_stack(ms), task_id
+
+
+def _permuted(stack, seed):
+  rng = np.random.default_rng(seed)
+  spec = stack.spec()
+  return stack.replaced([permutations.apply(spec, permutations.random_perms(spec, f, rng), f)
+                         for f in stack.model_flats()])
+
+
+def test_network_stack_puts_conv_kernels_first_and_keeps_every_variable():
+  stack, _ = _stack(2, 2)
+  names = resnet.conv_layer_names(TINY)
+  assert stack.num_conv == len(names)
+  assert stack.paths[:len(names)] == [f'params/{n}/kernel' for n in names]
+  assert stack.paths[len(names):] == sorted(stack.paths[len(names):])
+  assert 'params/dense/kernel' in stack.paths and 'batch_stats/bn1/var' in stack.paths
+  part = stack.take([1, 2])
+  assert isinstance(part, modelset.NetworkStack) and part.paths == stack.paths
+  np.testing.assert_array_equal(part[0], stack[0][[1, 2]])
+  with pytest.raises(ValueError, match='2 rows for 4 models'):
+    stack.with_array('x', np.zeros((2, 3)))
+
+
+def test_aligner_maps_permuted_copies_to_the_same_aligned_models_bit_for_bit():
+  stack, _ = _stack()
+  aligner = whole_network.Aligner(reference_models=8).fit(stack)
+  a, b = aligner.transform(stack), aligner.transform(_permuted(stack, 5))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  # The aligned models compute what the originals compute.
+  model = resnet.ResNet(TINY)
+  images = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+  for m in (0, 7):
+    out = [model.apply(permutations.unflatten(s.model_flats()[m]), images, train=False)
+           for s in (stack, a)]
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_aligner_caches_its_work(tmp_path):
+  from lps_jax import results
+  stack, _ = _stack(2, 3)
+  cache = results.Cache(str(tmp_path))
+  first = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
+  assert len(list(tmp_path.glob('*.npz'))) == 2          # the reference, the permutations
+  again = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
+  for x, y in zip(first, again):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_aligned_probe_is_invariant_and_beats_chance_where_the_unaligned_one_cannot():
+  stack, task_id = _stack(4, 6, signal=1.0)
+  train = np.flatnonzero(np.tile(np.arange(6), 4) < 4)
+  test = np.setdiff1d(np.arange(len(task_id)), train)
+  cfg = SecondOrderConfig()
+  probe = methods.build(methods.get('wn_probe'), cfg, 4)
+  probe.fit(stack.take(train), task_id[train])
+  p = probe.predict(stack.take(test))
+  np.testing.assert_allclose(p, probe.predict(_permuted(stack.take(test), 3)), atol=1e-12)
+  assert (p.argmax(1) == task_id[test]).mean() >= 0.75            # chance 0.25
+
+
+def test_invariant_network_is_invariant_reads_other_widths_and_learns():
+  stack, task_id = _stack(4, 6, signal=1.0)
+  model = invariant_net.InvariantModel(invariant_net.InvariantConfig(epochs=40, batch_size=8,
+                                                                      hidden=8), 4)
+  train = np.flatnonzero(np.tile(np.arange(6), 4) < 4)
+  test = np.setdiff1d(np.arange(len(task_id)), train)
+  model.fit(stack.take(train), task_id[train])
+  z = model.logits(stack.take(test))
+  np.testing.assert_allclose(z, model.logits(_permuted(stack.take(test), 9)), rtol=1e-4,
+                             atol=1e-4 * np.abs(z).max())
+  assert (z.argmax(1) == task_id[test]).mean() >= 0.5              # chance 0.25
+  wide, _ = _stack(1, 2, config=resnet.ResNetConfig((2, 1, 1), (8, 12, 16)))
+  assert model.predict(wide).shape == (2, 4)                      # any channel counts
+
+
+def test_probe_logits_are_the_models_outputs_and_a_function_of_the_network():
+  from lps_jax import data
+  stack, _ = _stack(1, 2)
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  logits = whole_network.probe_logits(stack, images)
+  want = resnet.ResNet(TINY).apply(permutations.unflatten(stack.model_flats()[1]),
+                                   data.normalize(images), train=False)
+  np.testing.assert_allclose(logits[1], np.asarray(want).reshape(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(whole_network.probe_logits(_permuted(stack, 2), images), logits,
+                             rtol=1e-4, atol=1e-5)
+  labels = np.repeat(np.arange(3), 2)
+  assert whole_network.probe_images(np.arange(6), labels, 2).tolist() == list(range(6))
+  with pytest.raises(ValueError, match='fewer than 3 images'):
+    whole_network.probe_images(np.arange(6), labels, 3)
+
+
+def test_whole_network_methods_refuse_kernel_lists_in_one_line():
+  stack, task_id = _stack(2, 2)
+  for name in ('wn_probe', 'wn_invariant', 'wn_lps'):
+    model = methods.build(methods.get(name), SecondOrderConfig(), 2)
+    with pytest.raises(modelset.ModelSetError, match='pass the full model set folder'):
+      model.fit(list(stack[:stack.num_conv]), task_id)
+
+
+def test_table1_runs_whole_network_methods_on_a_stack():
+  stack, task_id = _stack(3, 10, signal=1.0)
+  r = protocols.run_classification(stack, task_id, 'wn_probe', SecondOrderConfig(), 0)
+  assert r['top-1'] >= 0.5                                       # 3-way, chance 0.33
