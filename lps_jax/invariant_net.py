@@ -6,9 +6,10 @@ every variable is a *node* whose channel axes are permuted by the spec's groups 
 (c_in, c_out, h*w), a BatchNorm's scale / bias / mean / var together (n, 4), the FC kernel
 (n, classes)). One equivariant layer maps each node to hidden features with
 
-  a per-entry Dense, + a Dense of its means over each non-empty subset of its channel axes,
-  + for each of its groups, a message over that group's channels: the sum over every node
-    sharing the group of a Dense of that node pooled onto it (mean over its other axes),
+  a per-entry Dense of its features and its means over each non-empty subset of its channel
+    axes (broadcast back),
+  + for each of its groups, a message over that group's channels: a Dense of every node
+    sharing the group pooled onto it (mean over its other axes), concatenated,
   + a global context (Dense of every node's mean over all axes),
 
 then ReLU; the readout is the mean of each node over its channel axes, concatenated, and an
@@ -113,23 +114,21 @@ class EquivariantLayer(nn.Module):
 
   @nn.compact
   def __call__(self, xs, context):
-    messages = {}
-    for i, (node, x) in enumerate(zip(self.nodes, xs)):
+    pooled = {}                       # group -> every node's features pooled onto its channels
+    for node, x in zip(self.nodes, xs):
       for a, g in enumerate(node.groups):
-        m = nn.Dense(self.hidden, use_bias=False, name=f'to_{g}_from_{i}')(
-            _mean_except(x, a, len(node.groups)))
-        messages[g] = messages.get(g, 0.0) + m
+        pooled.setdefault(g, []).append(_mean_except(x, a, len(node.groups)))
+    messages = {g: nn.Dense(self.hidden, use_bias=False, name=f'message_{g}')(
+        jnp.concatenate(parts, axis=-1)) for g, parts in sorted(pooled.items())}
     glob = nn.Dense(self.hidden, name='context')(jnp.concatenate(
         [context] + [jnp.mean(x, axis=tuple(range(len(n.groups))))
                      for n, x in zip(self.nodes, xs)]))
     out = []
     for i, (node, x) in enumerate(zip(self.nodes, xs)):
       k = len(node.groups)
-      y = nn.Dense(self.hidden, name=f'self_{i}')(x) + glob
-      for r in range(1, k + 1):
-        for axes in itertools.combinations(range(k), r):
-          y = y + nn.Dense(self.hidden, use_bias=False, name=f'pool_{i}_{"".join(map(str, axes))}')(
-              jnp.mean(x, axis=axes, keepdims=True))
+      means = [jnp.broadcast_to(jnp.mean(x, axis=axes, keepdims=True), x.shape)
+               for r in range(1, k + 1) for axes in itertools.combinations(range(k), r)]
+      y = nn.Dense(self.hidden, name=f'node_{i}')(jnp.concatenate([x] + means, axis=-1)) + glob
       for a, g in enumerate(node.groups):
         shape = [1] * k + [self.hidden]
         shape[a] = -1
@@ -184,7 +183,7 @@ class InvariantModel:
     labels = jnp.asarray(labels, jnp.int32)
     self.net = InvariantNet(self.nodes, cfg.hidden, cfg.depth, self.num_classes)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), self.split_seed)
-    params = self.net.init(key, [x[0] for x in xs], context[0])
+    params = jax.jit(self.net.init)(key, [x[0] for x in xs], context[0])
     m = labels.shape[0]
     bs = min(cfg.batch_size, m)
     steps = m // bs

@@ -18,14 +18,17 @@ def _stack(num_tasks=4, runs=4, config=TINY, seed=0, signal=0.5):
   randomly permuted (so the signal is only visible up to the symmetry)."""
   rng = np.random.default_rng(seed)
   spec = resnet.permutation_spec(config)
+  shapes = permutations.flatten(jax.tree_util.tree_map(
+      lambda x: np.zeros(x.shape, np.float32),
+      jax.eval_shape(lambda: resnet.init_variables(jax.random.PRNGKey(0), config))))
+  draw = lambda: {k: (0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+                  for k, x in shapes.items()}
   flats, task_id = [], []
   for t in range(num_tasks):
-    offset = permutations.flatten(resnet.init_variables(jax.random.PRNGKey(1000 + t), config))
+    offset = draw()
     for r in range(runs):
-      v = permutations.flatten(resnet.init_variables(jax.random.PRNGKey(seed * 97 + t * runs + r),
-                                                     config))
-      v = {k: (x + signal * offset[k] if k.startswith('params/') else np.abs(x + 0.1 *
-               rng.standard_normal(x.shape)).astype(np.float32)) for k, x in v.items()}
+      v = {k: (x + signal * offset[k] if k.startswith('params/') else 1 + np.abs(x))
+           for k, x in draw().items()}
       flats.append(permutations.apply(spec, permutations.random_perms(spec, v, rng), v))
       task_id.append(t)
   tree = permutations.unflatten({k: np.stack([f[k] for f in flats]) for k in flats[0]})
@@ -96,8 +99,8 @@ def test_aligned_probe_is_invariant_and_beats_chance_where_the_unaligned_one_can
 
 def test_invariant_network_is_invariant_reads_other_widths_and_learns():
   stack, task_id = _stack(4, 6, signal=1.0)
-  model = invariant_net.InvariantModel(invariant_net.InvariantConfig(epochs=40, batch_size=8,
-                                                                      hidden=8), 4)
+  config = invariant_net.InvariantConfig(epochs=40, batch_size=8, depth=1, hidden=8)
+  model = invariant_net.InvariantModel(config, 4)
   train = np.flatnonzero(np.tile(np.arange(6), 4) < 4)
   test = np.setdiff1d(np.arange(len(task_id)), train)
   model.fit(stack.take(train), task_id[train])
