@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import onednn_available
 
@@ -46,32 +47,31 @@ def test_train_population_bad_flags_fail_before_training(tmp_path):
 
 
 def test_lps_main_bad_model_sets(tmp_path):
-  r = _run('experiments.lps_main', f'--modelset={tmp_path}/none.npz')
-  assert r.returncode != 0 and f'error: flag --modelset={tmp_path}/none.npz: not found' in r.stderr
-  src = np.load(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'))
+  """What lps_main's loading refuses, each in one line (in-process: lps_modes.load is what the
+  app calls; bad flag values are the flag sweep's); then one truncated file through the app."""
+  from experiments import lps_modes
+  from lps_jax import modelset
+  from lps_jax.second_order_fit import SecondOrderConfig
+  kernels = os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz')
+  src = np.load(kernels)
   arrays = {k: src[k] for k in src.files}
   arrays['kernel/conv1'] = arrays['kernel/conv1'].copy()
   arrays['kernel/conv1'][3, 0, 0, 0, 0] = np.nan
   np.savez(tmp_path / 'nan.npz', **arrays)
-  r = _run('experiments.lps_main', f'--modelset={tmp_path}/nan.npz')
-  assert r.returncode != 0 and 'NaN/Inf weights in models [3]' in r.stderr
-  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
-           '--layer_weights=0,1')
-  assert r.returncode != 0 and "no kernels for ['stage1_block1/conv1']" in r.stderr
-  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
-           '--methods=lps_fusion')
-  assert r.returncode != 0 and "(method 'lps_fusion')" in r.stderr
-  r = _run('experiments.lps_main', '--modelset=results/test_split_gpu/modelset/first_layer_kernels.npz',
-           '--methods=lps,wn_probe')
-  assert r.returncode != 0 and 'wn_probe read every layer' in r.stderr and 'modelset_cpu' in r.stderr
-  r = _run('experiments.lps_main', '--methods=lps,lsp')
-  assert r.returncode != 0 and "unknown method 'lsp'" in r.stderr
-  blob = open(os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz'),
-              'rb').read()
+  table = lps_modes.MODES['classification']
+  cases = [(str(tmp_path / 'nan.npz'), SecondOrderConfig(), ['lps'], r'NaN/Inf weights in models \[3\]'),
+           (kernels, SecondOrderConfig(layer_weights=(0.0, 1.0)), ['lps'],
+            r"no kernels for \['stage1_block1/conv1'\]"),
+           (kernels, SecondOrderConfig(), ['lps_fusion'], r"\(method 'lps_fusion'\)"),
+           (kernels, SecondOrderConfig(), ['lps', 'wn_probe'], 'wn_probe read every layer.*modelset_cpu')]
+  for path, config, names, message in cases:
+    with pytest.raises(modelset.ModelSetError, match=message):
+      lps_modes.load(table, path, config, names, None)
+  blob = open(kernels, 'rb').read()
   (tmp_path / 'cut.npz').write_bytes(blob[:len(blob) // 2])   # a truncated download
   r = _run('experiments.lps_main', f'--modelset={tmp_path}/cut.npz')
   assert r.returncode != 0 and 'not a readable kernels file' in r.stderr
-  assert 'Traceback' not in r.stderr
+  assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_benchmark_runs_and_writes_json(tmp_path):
@@ -97,5 +97,3 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     parts = res['breakdown']['rows'][impl]
     assert all(parts[k] > 0 for k in ('step', 'convs (all passes)', 'optimizer update',
                                       'data (gather + augment)'))
-  r = _run('experiments.benchmark', '--suites=nope', f'--out={out}')
-  assert r.returncode != 0 and "unknown suite 'nope'" in r.stderr

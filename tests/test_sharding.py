@@ -65,17 +65,16 @@ def test_eight_devices_equal_one_device(eight_devices, tmp_path):
   _assert_same(_params(eight_devices), _params(str(tmp_path / 'd1')))
 
 
-def test_checkpoint_from_eight_devices_resumes_on_one_and_four(eight_devices, tmp_path):
+def test_checkpoint_from_eight_devices_resumes_on_one(eight_devices, tmp_path):
   first = str(tmp_path / 'part')
   r = _ok(_train(first, '--num_cpu_devices=8', '--stop_after_epochs=1'))
   assert 'checkpointed at epoch 1' in r.stderr
   assert not os.path.exists(os.path.join(first, 'modelset'))
-  for n in (1, 4):
-    wd = str(tmp_path / f'resume{n}')
-    shutil.copytree(first, wd)
-    r = _ok(_train(wd, f'--num_cpu_devices={n}'))
-    assert 'resumed from epoch 1 checkpoint' in r.stderr and f'onto {n} device' in r.stderr
-    _assert_same(_params(eight_devices), _params(wd))
+  wd = str(tmp_path / 'resume1')      # the far end from 8 devices
+  shutil.copytree(first, wd)
+  r = _ok(_train(wd, '--num_cpu_devices=1'))
+  assert 'resumed from epoch 1 checkpoint' in r.stderr and 'onto 1 device' in r.stderr
+  _assert_same(_params(eight_devices), _params(wd))
   # A checkpoint of another population (chunk) size is refused, not silently mixed.
   r = _train(first, '--num_cpu_devices=4', '--models_per_chunk=4')
   assert r.returncode != 0 and 'written for a chunk of 8 models' in r.stderr
