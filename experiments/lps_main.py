@@ -50,6 +50,8 @@ flags.DEFINE_integer('num_permutations', 10000, 'Permutation-test draws (transfe
 flags.DEFINE_string('compare_modelset', None, 'Tables 1-2: also run the same methods and splits '
                     'on this model set, restricted to the tasks of --modelset, and print it '
                     'beside (e.g. the CPU yardstick beside a partial ModelSet500).')
+flags.DEFINE_string('other_modelset', None, 'Cross mode: model set of another architecture '
+                    '(e.g. runs/modelset_wide_cpu/modelset) whose tasks the methods name.')
 flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.md and plots.')
 flags.DEFINE_string('cache_dir', 'runs/lps_cache', 'Content-addressed store of finished work '
                     '(trained second-order nets, transfer ARIs); empty = no cache.')
@@ -58,6 +60,7 @@ flagdefs.input_path('modelset', hint='A model set folder comes from train_popula
                     '--flagfile=experiments/flags/modelset_cpu.flags, ~1 h on 2 cores); the '
                     'tables also take a kernels .npz from results/.')
 flagdefs.input_path('compare_modelset')
+flagdefs.input_path('other_modelset', when=lambda f: f.mode == 'cross')
 flagdefs.names('methods', list(methods.REGISTRY), 'method')
 flagdefs.names('branch_methods', list(lps_modes.BRANCH_METHODS), 'branch method')
 flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)
@@ -75,7 +78,7 @@ FLAGS = flags.FLAGS
 # configuration).
 RUN_FLAGS = ('mode', 'modelset', 'methods', 'branch_methods', 'split_seeds', 'branches',
              'test_tasks', 'dataset',
-             'num_permutations', 'compare_modelset')
+             'num_permutations', 'compare_modelset', 'other_modelset')
 
 
 def _bar(total, desc):
@@ -129,6 +132,11 @@ def main(argv):
     readers = FLAGS.methods if mode.takes_methods else FLAGS.branch_methods
     kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, readers,
                                                     branches, images, cache)
+    other = None
+    if mode.name == 'cross':
+      if not FLAGS.other_modelset:
+        raise ValueError('cross mode needs --other_modelset (the other architecture\'s models).')
+      other = lps_modes.load(mode, FLAGS.other_modelset, config, readers, None, images, cache)[:2]
     compare = None
     if FLAGS.compare_modelset:
       if not mode.takes_methods:
@@ -149,7 +157,7 @@ def main(argv):
   ctx = lps_modes.Context(
       kernels, task_id, config, [int(s) for s in FLAGS.split_seeds], readers, branches,
       ms, FLAGS.test_tasks, FLAGS.num_permutations,
-      images=images, cache=cache)
+      images=images, cache=cache, other=other)
   bar = _bar(mode.fits(ctx) * (2 if compare else 1), f'{mode.name}: second-order epochs')
   ctx.progress = _progress(bar)
   if mode.name == 'transfer':
@@ -168,6 +176,9 @@ def main(argv):
          'config': dataclasses.asdict(config), 'split_seeds': ctx.seeds,
          'num_models': int(len(task_id)), 'num_tasks': num_tasks, 'chance': 1.0 / num_tasks,
          'wall_seconds': time.time() - t0, 'results': summary}
+  if other:
+    res['other_modelset'] = FLAGS.other_modelset
+    res['other_models'] = int(len(other[1]))
   if compare:
     res['compare'] = {'modelset': FLAGS.compare_modelset, 'num_models': int(len(compare[1])),
                       'tasks': np.unique(compare[1]).tolist(), 'results': other_summary}

@@ -32,6 +32,7 @@ class Context:
   cache: Any = None
   progress: Optional[Callable] = None
   feature_progress: Optional[Callable] = None
+  other: Optional[tuple] = None          # cross mode: (kernels, task_id) of the other set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,17 @@ def run_classification(ctx: Context) -> dict:
 
 def run_retrieval(ctx: Context) -> dict:
   return _tables(ctx, protocols.run_retrieval, test_tasks=ctx.test_tasks)
+
+
+def run_cross(ctx: Context) -> dict:
+  out = {}
+  for name in ctx.methods:
+    for seed in ctx.seeds:
+      r = protocols.run_cross_architecture(ctx.kernels, ctx.task_id, *ctx.other, name,
+                                           ctx.config, seed, progress=ctx.progress,
+                                           cache=ctx.cache)
+      out.setdefault(name, []).append(dict(r, split_seed=seed))
+  return out
 
 
 def run_branches(ctx: Context) -> dict:
@@ -135,9 +147,12 @@ def _header(title: str, command: str, cols: list[str]) -> list[str]:
 def render_table(res: dict, results_dir: Optional[str]) -> str:
   """Tables 1-2: mean ± std over split seeds per method, the paper's numbers beside."""
   mode = res['mode']
-  keys = (['top-1', 'top-5', 'top-10'] if mode == 'classification'
-          else ['rank-1', 'rank-5', 'rank-10', 'mAP'])
-  title = 'Table 1: task classification' if mode == 'classification' else 'Table 2: task retrieval'
+  keys = (['rank-1', 'rank-5', 'rank-10', 'mAP'] if mode == 'retrieval'
+          else ['top-1', 'top-5', 'top-10'])
+  title = {'classification': 'Table 1: task classification',
+           'retrieval': 'Table 2: task retrieval',
+           'cross': (f'Different networks: the tasks of `{res.get("other_modelset")}` named by '
+                     f'methods fitted on every model of `{res["modelset"]}`')}[mode]
   title += res.get('title_suffix', '')
   lines = _header(title, res['command'], ['method'] + [f'{k} (%)' for k in keys]
                   + ['paper ' + '/'.join(keys[:3])])
@@ -228,6 +243,9 @@ MODES = {m.name: m for m in [
          render_table, _methods_epochs, takes_methods=True),
     Mode('retrieval', 'Table 2: train on 40 tasks; 2 query + 8 gallery per held-out task.',
          run_retrieval, render_table, _methods_epochs, takes_methods=True),
+    Mode('cross', 'Different networks: fit on every model of --modelset, name the tasks of '
+         "--other_modelset's models (another architecture).", run_cross, render_table,
+         _methods_epochs, takes_methods=True),
     Mode('transfer', 'Fig. 3a: parameter similarity vs transferability.', run_transfer,
          render_transfer, lambda ctx: ctx.config.epochs,
          folder_reason='runs the first-order models on images, so it ' + _FOLDER),

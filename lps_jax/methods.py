@@ -30,6 +30,7 @@ class Method:
   layers: tuple = ()             # conv layers it reads, if not the run config's (0-based)
   network: Optional[str] = None  # 'network' kind: what reads the whole networks (NETWORK)
   aligned: bool = False          # 'network' kind: whole-network weight matching first
+  any_width: bool = False        # reads models of other channel counts (cross-architecture)
 
   def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
     if self.kind == 'second_order' or self.network == 'second_order':
@@ -72,7 +73,7 @@ NETWORK = ('probe', 'second_order', 'invariant', 'functional')
 PROBE_OUTPUTS = 'functional/logits'
 
 REGISTRY = {m.name: m for m in [
-    Method('random', 'random prediction', 'random',
+    Method('random', 'random prediction', 'random', any_width=True,
            paper={'classification': (2.0, 9.6, 18.3), 'retrieval': (10.0, 41.0, 65.1)}),
     Method('fc_only', 'only one FC layer', 'second_order', overrides=(('method', 'fc_only'),),
            paper={'classification': (5.3, 17.5, 29.3), 'retrieval': (15.0, 55.8, 83.3)}),
@@ -103,9 +104,9 @@ REGISTRY = {m.name: m for m in [
     # Baselines the paper did not run (lps_jax.baselines cites each).
     Method('weight_stats', 'weight statistics + LR (StatNN)', 'probe',
            'Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"',
-           features='weight_stats'),
-    Method('gram', 'filter Gram matrix + mean filter + LR', 'probe',
-           'second-moment probe (this project)', features='gram'),
+           features='weight_stats', any_width=True),
+    Method('gram', 'filter Gram matrix + mean filter + LR', 'probe',   # any width: layer 1's
+           'second-moment probe (this project)', features='gram', any_width=True),
     Method('sort', 'filters sorted by norm + LR (Model Zoos)', 'probe',
            'Schürholt et al. 2022, "Model Zoos"', features='sort'),
     Method('rebasin', 'weight matching to a reference + LR (Git Re-Basin)', 'probe',
@@ -128,9 +129,10 @@ REGISTRY = {m.name: m for m in [
            overrides=(('method', 'none'),)),
     Method('wn_invariant', 'permutation-invariant weight-space network, all layers (NFN-style)',
            'network', 'after Zhou et al. 2023 (NFN) and 2024 (UNF); lps_jax.invariant_net',
-           network='invariant'),
+           network='invariant', any_width=True),
     Method('functional', 'functional reference: logits on 200 probe images + LR (not weight-space)',
-           'network', 'this project (outputs of the models, as a ceiling)', network='functional'),
+           'network', 'this project (outputs of the models, as a ceiling)', network='functional',
+           any_width=True),
     # Added after the tables above were measured (RESULTS.md says so): the two best methods,
     # which read different things (learned alignment vs fixed second moments), averaged.
     Method('lps_gram', 'LPS + Gram probe, probabilities averaged', 'ensemble', 'this project',

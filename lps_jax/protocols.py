@@ -229,3 +229,32 @@ def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
   sim = metrics.cosine_similarity(model.embed(_take(kernels, split.query)),
                                   model.embed(_take(kernels, split.gallery)))
   return metrics.retrieval_metrics(sim, task_id[split.query], task_id[split.gallery], ks)
+
+
+def _shapes(kernels, layers) -> list:
+  return [np.asarray(kernels[i]).shape[1:] for i in layers]
+
+
+def run_cross_architecture(kernels, task_id, other_kernels, other_task_id, method: str,
+                           config: SecondOrderConfig, split_seed: int = 0, ks=(1, 5, 10),
+                           progress: Optional[Callable] = None,
+                           cache: Optional[results.Cache] = None) -> dict:
+  """Different networks (the paper's stated disadvantage): `method` fitted on every model of
+  one architecture names the tasks of another architecture's models; top-k over the first
+  set's tasks. A method whose features depend on the channel counts is refused when the
+  shapes differ."""
+  m = methods.get(method)
+  tasks = np.unique(task_id)
+  absent = sorted(set(np.unique(other_task_id).tolist()) - set(tasks.tolist()))
+  if absent:
+    raise ValueError(f'the other model set has tasks {absent[:10]} that the fitted set lacks.')
+  layers = m.active_layers(config)
+  if not m.any_width and _shapes(kernels, layers) != _shapes(other_kernels, layers):
+    width_free = ', '.join(n for n, x in methods.REGISTRY.items() if x.any_width)
+    raise ValueError(f'method {method!r} reads layers of fixed shape {_shapes(kernels, layers)[0]}'
+                     f', the other models have {_shapes(other_kernels, layers)[0]}; methods that '
+                     f'read any width: {width_free}.')
+  model = fit(m, _seeded(config, split_seed), tasks.size, kernels, _relabel(task_id, tasks),
+              cache, progress)
+  acc = metrics.topk_accuracy(model.predict(other_kernels), _relabel(other_task_id, tasks), ks)
+  return {f'top-{k}': v for k, v in acc.items()}

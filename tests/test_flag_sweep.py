@@ -51,6 +51,7 @@ STRINGS = {   # flag: [(bad value, extra arguments)]
     'lps_main': {
         'modelset': [(MISSING, [])],
         'compare_modelset': [(MISSING, [])],
+        'other_modelset': [(MISSING, ['--mode=cross'])],
         'data_dir': [(MISSING, [])],
         'tfds_data_dir': [(A_FILE, ['--dataset=tfds'])],
         'results_dir': [(A_FILE, []), (MISSING, ['--replot'])],

@@ -140,3 +140,16 @@ def test_table1_runs_whole_network_methods_on_a_stack():
   stack, task_id = _stack(3, 10, signal=1.0)
   r = protocols.run_classification(stack, task_id, 'wn_probe', SecondOrderConfig(), 0)
   assert r['top-1'] >= 0.5                                       # 3-way, chance 0.33
+
+
+def test_methods_fitted_on_one_width_name_the_tasks_of_another():
+  narrow, task_id = _stack(3, 6, signal=1.0)
+  wide, wide_task = _stack(3, 2, config=resnet.ResNetConfig((2, 1, 1), (8, 12, 16)), signal=1.0)
+  cfg = SecondOrderConfig()
+  for name in ('gram', 'weight_stats', 'random'):
+    r = protocols.run_cross_architecture(narrow, task_id, wide, wide_task, name, cfg, 0)
+    assert 0 <= r['top-1'] <= r['top-5'] <= 1
+  for name in ('lps', 'wn_probe'):
+    with pytest.raises(ValueError, match=f"method '{name}' reads layers of fixed shape .*any "
+                                         'width: random, weight_stats, gram'):
+      protocols.run_cross_architecture(narrow, task_id, wide, wide_task, name, cfg, 0)
