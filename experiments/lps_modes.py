@@ -296,6 +296,8 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
                                      'pass the full model set folder instead of the exported '
                                      '.npz.')
     return kernels, task_id, None, None
+  if path.endswith('.npz') and mode.name == 'branches' and not readers:
+    return _branches_from_file(path, branches)
   if path.endswith('.npz'):
     why = (f'{mode.name} mode {mode.folder_reason}' if mode.folder_reason else
            f'{", ".join(readers)} read every layer, BatchNorm and the FC of each model, so they '
@@ -324,6 +326,19 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
                      'conv layer).')
   kernels = stack if stack is not None else modelset.layer_kernels(ms, max(branches))[0]
   return kernels, ms.task_id, ms, branches
+
+
+def _branches_from_file(path: str, branches: Optional[list[int]]):
+  """Branches mode on a kernels file that holds deeper layers (a slice's stage-1 kernels,
+  lps_jax.slices): the branches it holds (default all of them), or what to pass instead."""
+  kernels, task_id, names, _ = modelset.load_kernels(path, len(resnet.conv_layer_names()))
+  held = [i + 1 for i, k in enumerate(kernels) if k is not None]
+  branches = branches or held
+  missing = [b for b in branches if b not in held]
+  if missing:
+    raise modelset.ModelSetError(f'{path} holds the kernels of branches {held}, not {missing}; '
+                                 f'choose --branches among them or pass the model set folder.')
+  return kernels[:max(branches)], task_id, None, branches
 
 
 def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None) -> np.ndarray:

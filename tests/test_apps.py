@@ -74,6 +74,23 @@ def test_lps_main_bad_model_sets(tmp_path):
   assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_branches_mode_reads_the_layers_a_kernels_file_holds(tmp_path):
+  """The committed ModelSet500 slices keep stage-1 kernels (layers 1-7): merged with them,
+  Fig. 3b's branches 1-7 run from the file; deeper branches ask for the folder."""
+  from experiments import lps_modes
+  from lps_jax import manifest, modelset
+  from lps_jax.second_order_fit import SecondOrderConfig
+  path = str(tmp_path / 'stage1.npz')
+  manifest.merge(os.path.join(ROOT, 'results', 'modelset500'), path, stage1=True)
+  kernels, task_id, _, branches = lps_modes.load(lps_modes.MODES['branches'], path,
+                                                 SecondOrderConfig(), ['lps'], None)
+  assert branches == list(range(1, 8)) and len(kernels) == 7
+  assert kernels[6].shape[1:] == (3, 3, 16, 16) and kernels[6].dtype == np.float32
+  with pytest.raises(modelset.ModelSetError, match=r'holds the kernels of branches \[1, 2, 3, '
+                                                   r'4, 5, 6, 7\], not \[8\]'):
+    lps_modes.load(lps_modes.MODES['branches'], path, SecondOrderConfig(), ['lps'], [1, 8])
+
+
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'b.json'
   impls = ['lax'] + (['onednn'] if onednn_available() else [])
