@@ -100,19 +100,25 @@ def test_figure_modes_bad_input(tiny_set, tmp_path):
   r = _run('--mode=branches', '--branches=1,8', *_common(tiny_set, tmp_path, 'x'))
   assert r.returncode != 0 and 'out of range' in r.stderr and '1..7' in r.stderr
   assert not os.path.exists(tmp_path / 'x')                  # nothing written
-  r = _run('--mode=alignment', '--branches=1', *_common(tiny_set, tmp_path, 'x'))
-  assert r.returncode != 0 and '2..7' in r.stderr
-  r = _run('--mode=transfer', '--modelset=results/test_split_cpu/modelset/first_layer_kernels.npz')
-  assert r.returncode != 0 and 'needs the full model set folder' in r.stderr
-  r = _run('--mode=transfer', '--test_tasks=6', *_common(tiny_set, tmp_path, 'x'))
-  assert r.returncode != 0 and 'lower --test_tasks' in r.stderr
+  assert 'Traceback' not in r.stderr
+  assert [l for l in r.stderr.splitlines() if 'error' in l.lower()] == [r.stderr.splitlines()[-1]]
+  # The rest in-process: what lps_main's loading and results folders refuse.
+  from experiments import lps_modes
+  from lps_jax import modelset
+  from lps_jax.second_order_fit import SecondOrderConfig
+  cfg = SecondOrderConfig()
+  with pytest.raises(ValueError, match=r'2\.\.7'):
+    lps_modes.load(lps_modes.MODES['alignment'], tiny_set, cfg, [], [1])
+  with pytest.raises(modelset.ModelSetError, match='needs the full model set folder'):
+    lps_modes.load(lps_modes.MODES['transfer'], 'results/test_split_cpu/modelset/'
+                   'first_layer_kernels.npz', cfg, [], None)
   (tmp_path / 'empty').mkdir()
-  r = _run('--mode=branches', '--replot', f'--results_dir={tmp_path}/empty')
-  assert r.returncode != 0 and 'holds no results.json' in r.stderr
+  with pytest.raises(results.ResultsError, match='holds no results.json'):
+    results.read_results(str(tmp_path / 'empty'), 'branches')
   (tmp_path / 'other').mkdir()
   (tmp_path / 'other' / 'notes.txt').write_text('mine')
-  r = _run('--mode=branches', '--branches=1', *_common(tiny_set, tmp_path, 'other'))
-  assert r.returncode != 0 and 'not a results folder' in r.stderr
+  with pytest.raises(results.ResultsError, match='not a results folder'):
+    results.ResultsDir(str(tmp_path / 'other'), {'mode': 'branches'})
   assert (tmp_path / 'other' / 'notes.txt').read_text() == 'mine'
 
 
