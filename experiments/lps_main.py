@@ -20,7 +20,7 @@ import time
 
 from absl import flags
 
-from experiments import flagdefs, lps_modes
+from experiments import flagdefs, lps_modes, lps_render
 from lps_jax import methods, second_order_fit
 from lps_jax.config_checks import Range
 
@@ -62,7 +62,7 @@ flagdefs.input_path('modelset', hint='A model set folder comes from train_popula
 flagdefs.input_path('compare_modelset')
 flagdefs.input_path('other_modelset', when=lambda f: f.mode == 'cross')
 flagdefs.names('methods', list(methods.REGISTRY), 'method')
-flagdefs.names('branch_methods', list(lps_modes.BRANCH_METHODS), 'branch method')
+flagdefs.names('branch_methods', list(lps_render.BRANCH_METHODS), 'branch method')
 flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)
 flagdefs.check('branches', Range(1, integer=True), item=int)
 for _name in ('test_tasks', 'num_permutations'):
