@@ -7,6 +7,7 @@ run's results.json into markdown (and a PNG for the figures), so --replot needs 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -235,7 +236,11 @@ def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=Non
   from lps_jax import results, whole_network
   split = images()
   probe = whole_network.probe_images(split.images, split.labels)
-  compute = lambda: {'logits': whole_network.probe_logits(stack, probe)}
+  def compute():
+    logging.info('functional reference: %d models on %d probe images', len(stack[0]),
+                 len(probe))
+    return {'logits': whole_network.probe_logits(stack, probe)}
+
   if cache is None:
     return compute()['logits']
   key = {'kind': 'probe_logits', 'images': results.fingerprint(probe),

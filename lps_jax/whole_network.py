@@ -17,6 +17,7 @@ Inputs are `modelset.NetworkStack`s (all variables of M models, conv kernels fir
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -60,8 +61,13 @@ class Aligner:
     chosen = stack.take(rows)
     key = {'kind': 'wn_reference', 'rounds': self.rounds, 'seed': self.seed,
            'models': results.fingerprint(*_objective(chosen))}
-    self.reference = self._cached(key, lambda: permutations.align_to_mean(
-        self.spec, chosen.model_flats(OBJECTIVE), self.rounds, self.seed)[0])
+    def compute():
+      logging.info('whole-network alignment: a reference from %d training models, %d rounds',
+                   len(rows), self.rounds)
+      return permutations.align_to_mean(self.spec, chosen.model_flats(OBJECTIVE), self.rounds,
+                                        self.seed)[0]
+
+    self.reference = self._cached(key, compute)
     return self
 
   def perms_of(self, stack: NetworkStack) -> list[permutations.Perms]:
@@ -71,6 +77,8 @@ class Aligner:
     groups = sorted(self.spec.perm_to_axes)
 
     def compute():   # every model from the same seeded group order: equivariant
+      logging.info('whole-network alignment: matching %d models to the reference',
+                   len(stack[0]))
       found = [permutations.weight_matching(
           self.spec, self.reference, flat, np.random.default_rng(self.seed),
           init=permutations.sorted_init(self.spec, self.reference, flat))
