@@ -143,8 +143,12 @@ class FlatProbe:
   def fit(self, stack, labels, progress: Optional[Callable] = None) -> None:
     x = self._x(stack)
     self.scaler = StandardScaler().fit(x)
-    _, s, vt = np.linalg.svd(self.scaler.transform(x), full_matrices=False)
-    self.basis = vt[s > 1e-9 * s.max()].T
+    x = self.scaler.transform(x)
+    # An orthonormal basis of the training rows' span from their (M, M) Gram matrix (an SVD
+    # of the wide (M, d) matrix itself is far slower).
+    w, u = np.linalg.eigh(x @ x.T)
+    keep = w > 1e-9 * w.max()
+    self.basis = x.T @ (u[:, keep] / np.sqrt(w[keep]))
     self.clf = LogisticRegression(C=self.C, max_iter=5000).fit(self._z(stack), labels)
     if list(self.clf.classes_) != list(range(self.num_classes)):
       raise ValueError('every task needs training models (labels 0..num_classes-1).')
