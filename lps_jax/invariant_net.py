@@ -41,7 +41,8 @@ INT1 = Range(1, integer=True)
 class InvariantConfig:
   hidden: int = dataclasses.field(default=16, metadata=valid(INT1, 'Hidden features per entry.'))
   depth: int = dataclasses.field(default=2, metadata=valid(INT1, 'Equivariant layers.'))
-  epochs: int = dataclasses.field(default=150, metadata=valid(INT1, 'Training epochs.'))
+  epochs: int = dataclasses.field(default=50, metadata=valid(
+      INT1, 'Training epochs (on 400 ResNet-20s the training loss is ~0 by epoch 40).'))
   batch_size: int = dataclasses.field(default=32, metadata=valid(INT1, 'Models per step.'))
   learning_rate: float = dataclasses.field(default=1e-3, metadata=valid(
       Range(0, open=True), 'AdamW learning rate (cosine decay).'))
