@@ -62,11 +62,15 @@ class Node:
   paths: tuple[str, ...]         # the variables it stacks on the feature axis
 
 
-def nodes_of(stack: NetworkStack, spec) -> tuple[list[Node], list[str]]:
-  """The nodes of a stack's variables under `spec`, and the unpermuted paths (read as global
-  features). Variables with one channel axis and the same module and group share a node."""
+def nodes_of(stack: NetworkStack, spec, prefixes=('params/', 'batch_stats/')
+             ) -> tuple[list[Node], list[str]]:
+  """The nodes of a stack's variables under `spec` (those whose paths start with one of
+  `prefixes`), and the unpermuted paths (read as global features). Variables with one channel
+  axis and the same module and group share a node."""
   nodes, by_module, unpermuted = [], {}, []
   for path in stack.paths:
+    if not path.startswith(tuple(prefixes)):
+      continue
     groups = spec.axes_to_perm.get(path)
     if groups is None or all(g is None for g in groups):
       unpermuted.append(path)
@@ -158,8 +162,12 @@ class InvariantModel:
   """fit / predict / embed of an `InvariantNet` on `NetworkStack`s (all of a model's
   variables; their permutation spec comes with them)."""
 
-  def __init__(self, config: InvariantConfig, num_classes: int, split_seed: int = 0):
+  def __init__(self, config: InvariantConfig, num_classes: int, split_seed: int = 0,
+               prefixes=('params/', 'batch_stats/')):
+    """`prefixes`: which variables it reads ('params/' alone leaves out BatchNorm's running
+    statistics, which hold the training images' feature statistics)."""
     self.config, self.num_classes, self.split_seed = config, num_classes, split_seed
+    self.prefixes = tuple(prefixes)
 
   def _inputs(self, stack):
     modelset.require_stack(stack, 'the invariant network')
@@ -171,7 +179,7 @@ class InvariantModel:
   def fit(self, stack, labels, progress: Optional[Callable] = None) -> None:
     cfg = self.config
     modelset.require_stack(stack, 'the invariant network')
-    nodes, self.unpermuted = nodes_of(stack, stack.spec())
+    nodes, self.unpermuted = nodes_of(stack, stack.spec(), self.prefixes)
     self.nodes = tuple(nodes)
     raw = node_arrays(stack, stack.spec(), nodes)
     # One scale per node and feature (root mean square over models and channels): a

@@ -69,7 +69,7 @@ _STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps 
 _RESNET20_LAYERS = 19
 _REBASIN = 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, whole network, ResNet\'s permutation spec)'
 # What reads whole networks ('network' kind), all in lps_jax.whole_network / invariant_net.
-NETWORK = ('probe', 'second_order', 'invariant', 'functional')
+NETWORK = ('probe', 'second_order', 'invariant', 'invariant_params', 'functional')
 PROBE_OUTPUTS = 'functional/logits'
 
 REGISTRY = {m.name: m for m in [
@@ -130,6 +130,9 @@ REGISTRY = {m.name: m for m in [
     Method('wn_invariant', 'permutation-invariant weight-space network, all layers (NFN-style)',
            'network', 'after Zhou et al. 2023 (NFN) and 2024 (UNF); lps_jax.invariant_net',
            network='invariant', any_width=True),
+    Method('wn_invariant_params', 'the invariant network on parameters only (no BatchNorm '
+           'running statistics)', 'network', 'ablation of wn_invariant (this project)',
+           network='invariant_params', any_width=True),
     Method('functional', 'functional reference: logits on 200 probe images + LR (not weight-space)',
            'network', 'this project (outputs of the models, as a ceiling)', network='functional',
            any_width=True),
@@ -217,9 +220,11 @@ def _network(method: Method, base: SecondOrderConfig, num_classes: int, cache):
     inner = whole_network.FlatProbe((PROBE_OUTPUTS,), num_classes)
   elif method.network == 'second_order':
     inner = SecondOrderModel(method.config(base), num_classes)
-  elif method.network == 'invariant':
+  elif method.network in ('invariant', 'invariant_params'):
+    prefixes = ('params/',) if method.network == 'invariant_params' else ('params/', 'batch_stats/')
     inner = invariant_net.InvariantModel(invariant_net.InvariantConfig(seed=base.seed),
-                                         num_classes, split_seed=base.split_seed)
+                                         num_classes, split_seed=base.split_seed,
+                                         prefixes=prefixes)
   else:
     raise ValueError(f'unknown network reader {method.network!r}; choose from {NETWORK}.')
   if method.aligned:
@@ -231,7 +236,7 @@ def fit_count(method: Method, base: SecondOrderConfig) -> int:
   """Epochs a progress bar counts for one fit."""
   if method.kind == 'ensemble':
     return sum(fit_count(get(m), base) for m in method.members)
-  if method.network == 'invariant':
+  if method.network in ('invariant', 'invariant_params'):
     from lps_jax import invariant_net
     return invariant_net.InvariantConfig().epochs
   uses_config = method.kind == 'second_order' or method.network == 'second_order'

@@ -153,3 +153,15 @@ def test_methods_fitted_on_one_width_name_the_tasks_of_another():
     with pytest.raises(ValueError, match=f"method '{name}' reads layers of fixed shape .*any "
                                          'width: random, weight_stats, gram'):
       protocols.run_cross_architecture(narrow, task_id, wide, wide_task, name, cfg, 0)
+
+
+def test_the_invariant_network_reads_only_the_variables_asked_for():
+  stack, _ = _stack(1, 2)
+  nodes, unpermuted = invariant_net.nodes_of(stack, stack.spec(), ('params/',))
+  paths = [p for n in nodes for p in n.paths] + unpermuted
+  assert paths and all(p.startswith('params/') for p in paths)
+  every, _ = invariant_net.nodes_of(stack, stack.spec())
+  assert any(p.startswith('batch_stats/') for n in every for p in n.paths)
+  bn = [n for n in every if n.name == 'bn1'][0]
+  assert bn.paths == ('params/bn1/bias', 'params/bn1/scale', 'batch_stats/bn1/mean',
+                      'batch_stats/bn1/var') or len(bn.paths) == 4
