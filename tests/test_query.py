@@ -108,8 +108,8 @@ def _query(*args):
 def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   paths, _ = _write_all_formats(tmp_path, tiny_set)
   index = f'--index={tmp_path}/index'
-  r = _query('--build', f'--modelset={tiny_set}', index, '--num_filters=8', '--epochs=20',
-             '--lr_boundaries=15', '--learning_rate=0.01')
+  r = _query('--build', f'--modelset={tiny_set}', index, '--num_filters=8', '--epochs=6',
+             '--lr_boundaries=4', '--learning_rate=0.01')
   assert r.returncode == 0, r.stderr[-3000:]
   assert os.path.exists(tmp_path / 'index' / 'index.json')
   answers = []
