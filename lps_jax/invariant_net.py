@@ -169,11 +169,15 @@ class InvariantModel:
     self.config, self.num_classes, self.split_seed = config, num_classes, split_seed
     self.prefixes = tuple(prefixes)
 
-  def _inputs(self, stack):
+  def _raw(self, stack):
+    """The node arrays and the unpermuted variables (context) of a stack, unscaled."""
     modelset.require_stack(stack, 'the invariant network')
-    xs = node_arrays(stack, stack.spec(), self.nodes)
     context = np.concatenate([np.asarray(stack.get(p), np.float32).reshape(len(stack[0]), -1)
                               for p in self.unpermuted], axis=1)
+    return node_arrays(stack, stack.spec(), self.nodes), context
+
+  def _inputs(self, stack):
+    xs, context = self._raw(stack)
     return [x / s for x, s in zip(xs, self.scales)], context / self.context_scale
 
   def fit(self, stack, labels, progress: Optional[Callable] = None) -> None:
@@ -181,14 +185,12 @@ class InvariantModel:
     modelset.require_stack(stack, 'the invariant network')
     nodes, self.unpermuted = nodes_of(stack, stack.spec(), self.prefixes)
     self.nodes = tuple(nodes)
-    raw = node_arrays(stack, stack.spec(), nodes)
+    xs, context = self._raw(stack)
     # One scale per node and feature (root mean square over models and channels): a
     # permutation-invariant normalisation.
-    self.scales = [_rms(x, tuple(range(x.ndim - 1))) for x in raw]
-    ctx = np.concatenate([np.asarray(stack.get(p), np.float32).reshape(len(stack[0]), -1)
-                          for p in self.unpermuted], axis=1)
-    self.context_scale = _rms(ctx, 0)
-    xs, context = self._inputs(stack)
+    self.scales = [_rms(x, tuple(range(x.ndim - 1))) for x in xs]
+    self.context_scale = _rms(context, 0)
+    xs, context = [x / s for x, s in zip(xs, self.scales)], context / self.context_scale
     labels = jnp.asarray(labels, jnp.int32)
     self.net = InvariantNet(self.nodes, cfg.hidden, cfg.depth, self.num_classes)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), self.split_seed)

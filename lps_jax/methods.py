@@ -30,6 +30,7 @@ class Method:
   layers: tuple = ()             # conv layers it reads, if not the run config's (0-based)
   network: Optional[str] = None  # 'network' kind: what reads the whole networks (NETWORK)
   aligned: bool = False          # 'network' kind: whole-network weight matching first
+  variables: tuple = ('params/', 'batch_stats/')   # 'network' kind: which variables it reads
   any_width: bool = False        # reads models of other channel counts (cross-architecture)
 
   def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
@@ -69,7 +70,7 @@ _STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps 
 _RESNET20_LAYERS = 19
 _REBASIN = 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, whole network, ResNet\'s permutation spec)'
 # What reads whole networks ('network' kind), all in lps_jax.whole_network / invariant_net.
-NETWORK = ('probe', 'second_order', 'invariant', 'invariant_params', 'functional')
+NETWORK = ('probe', 'second_order', 'invariant', 'functional')
 PROBE_OUTPUTS = 'functional/logits'
 
 REGISTRY = {m.name: m for m in [
@@ -117,9 +118,9 @@ REGISTRY = {m.name: m for m in [
     # Whole networks (every layer; the model set folder): aligned by weight matching first
     # where `aligned`, then read (lps_jax.whole_network).
     Method('wn_probe', 'whole-network weight matching + linear probe (all weights, BN, FC)',
-           'network', _REBASIN + ' + LR', network='probe', aligned=True),
+           'network', _REBASIN + ' + LR', network='probe', aligned=True, variables=('params/',)),
     Method('wn_probe_unaligned', 'linear probe on all weights, no alignment', 'network',
-           'this project (control)', network='probe'),
+           'this project (control)', network='probe', variables=('params/',)),
     Method('wn_lps', 'LPS branches 1-19 on aligned layers (Eq. 5/7 by index), fused, learned w_l',
            'network', 'this project; ' + _REBASIN, network='second_order', aligned=True,
            overrides=(('method', 'none'), ('layer_weights', (1.0,) * _RESNET20_LAYERS),
@@ -132,10 +133,10 @@ REGISTRY = {m.name: m for m in [
            network='invariant', any_width=True),
     Method('wn_invariant_params', 'the invariant network on parameters only (no BatchNorm '
            'running statistics)', 'network', 'ablation of wn_invariant (this project)',
-           network='invariant_params', any_width=True),
+           network='invariant', variables=('params/',), any_width=True),
     Method('functional', 'functional reference: logits on 200 probe images + LR (not weight-space)',
            'network', 'this project (outputs of the models, as a ceiling)', network='functional',
-           any_width=True),
+           variables=(PROBE_OUTPUTS,), any_width=True),
     # Added after the tables above were measured (RESULTS.md says so): the two best methods,
     # which read different things (learned alignment vs fixed second moments), averaged.
     Method('lps_gram', 'LPS + Gram probe, probabilities averaged', 'ensemble', 'this project',
@@ -212,19 +213,20 @@ def build(method: Method, base: SecondOrderConfig, num_classes: int, cache=None)
   return SecondOrderModel(method.config(base), num_classes)
 
 
+def _invariant_config(base: SecondOrderConfig):
+  from lps_jax import invariant_net
+  return invariant_net.InvariantConfig(seed=base.seed)
+
+
 def _network(method: Method, base: SecondOrderConfig, num_classes: int, cache):
   from lps_jax import invariant_net, whole_network
-  if method.network == 'probe':
-    inner = whole_network.FlatProbe(('params/',), num_classes)
-  elif method.network == 'functional':
-    inner = whole_network.FlatProbe((PROBE_OUTPUTS,), num_classes)
+  if method.network in ('probe', 'functional'):
+    inner = whole_network.FlatProbe(method.variables, num_classes)
   elif method.network == 'second_order':
     inner = SecondOrderModel(method.config(base), num_classes)
-  elif method.network in ('invariant', 'invariant_params'):
-    prefixes = ('params/',) if method.network == 'invariant_params' else ('params/', 'batch_stats/')
-    inner = invariant_net.InvariantModel(invariant_net.InvariantConfig(seed=base.seed),
-                                         num_classes, split_seed=base.split_seed,
-                                         prefixes=prefixes)
+  elif method.network == 'invariant':
+    inner = invariant_net.InvariantModel(_invariant_config(base), num_classes,
+                                         split_seed=base.split_seed, prefixes=method.variables)
   else:
     raise ValueError(f'unknown network reader {method.network!r}; choose from {NETWORK}.')
   if method.aligned:
@@ -236,8 +238,7 @@ def fit_count(method: Method, base: SecondOrderConfig) -> int:
   """Epochs a progress bar counts for one fit."""
   if method.kind == 'ensemble':
     return sum(fit_count(get(m), base) for m in method.members)
-  if method.network in ('invariant', 'invariant_params'):
-    from lps_jax import invariant_net
-    return invariant_net.InvariantConfig().epochs
+  if method.network == 'invariant':
+    return _invariant_config(base).epochs
   uses_config = method.kind == 'second_order' or method.network == 'second_order'
   return method.config(base).epochs if uses_config else 1
