@@ -3,6 +3,8 @@ answers queries about checkpoints from anywhere.
 
   # once: train the second-order network on all models of a set, embed them (~1 min on 2 cores)
   python -m experiments.lps_query --build --modelset=results/modelset_cpu/first_layer_kernels.npz
+  # or a probe of layer 1 that reads models of any width (a ResNet-20 at 2x width, say)
+  python -m experiments.lps_query --build --method=gram --index=runs/lps_index_gram
   # then: any number of checkpoints (.npz, .safetensors, .msgpack, .pt/.pth, orbax folders)
   python -m experiments.lps_query model_a.pt model_b.safetensors [--format=json]
 
@@ -22,9 +24,9 @@ flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset 
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz',
                     'Model set to index: a kernels .npz or a model set folder.')
 flags.DEFINE_string('index', 'runs/lps_index', 'The index folder.')
-flags.DEFINE_enum('method', 'lps', [n for n, m in methods.REGISTRY.items()
-                                    if m.kind == 'second_order'],
-                  'Second-order method of the index (lps_jax/methods.py).')
+flags.DEFINE_enum('method', 'lps', index.method_names(),
+                  'Method of the index (lps_jax/methods.py): a second-order network, or a kernel '
+                  'probe; gram and weight_stats read models of any width.')
 flagdefs.define(second_order_fit.SecondOrderConfig, skip=('method', 'split_seed'))
 flags.DEFINE_list('layers', None, 'Names of the conv kernels in the checkpoints, in network '
                   'order (default: found automatically).')
@@ -47,8 +49,8 @@ def build_index():
   m = methods.get(FLAGS.method)
   kernels, task_id, _, run = modelset.load_kernels(FLAGS.modelset, m.num_layers(config))
   with locks.exclusive(FLAGS.index, 'index', '--index'):   # one build per index folder
-    bar = tqdm(total=m.config(config).epochs, desc='index: second-order epochs',
-               file=sys.stderr)
+    bar = tqdm(total=methods.fit_count(m, config), file=sys.stderr,
+               desc='index: second-order epochs' if m.kind == 'second_order' else 'index: probe fit')
     idx = index.build(kernels, task_id, run, FLAGS.method, config, source=FLAGS.modelset,
                       progress=lambda e, loss: bar.update(1))
     bar.close()

@@ -171,17 +171,55 @@ class FeatureProbe:
   def fit(self, kernels, labels, progress: Optional[Callable] = None) -> None:
     labels = np.asarray(labels)
     x = self._x(kernels)
-    self.scaler = StandardScaler().fit(x)
-    self.clf = LogisticRegression(C=self.C, max_iter=3000).fit(self.scaler.transform(x), labels)
-    if list(self.clf.classes_) != list(range(self.num_classes)):
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=self.C, max_iter=3000).fit(scaler.transform(x), labels)
+    if list(clf.classes_) != list(range(self.num_classes)):
       raise ValueError('every task needs training models (labels 0..num_classes-1).')
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:   # two classes: sklearn's one logit z as the pair (-z/2, z/2)
+      coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    self.linear = {'mean': scaler.mean_, 'scale': scaler.scale_, 'coef': coef,
+                   'intercept': intercept}
     if progress is not None:
       progress(1, None)
 
+  def _logits(self, kernels) -> np.ndarray:
+    """The regression's logits: standardised features times the weights (sklearn's
+    decision_function; its predict_proba is their softmax)."""
+    if getattr(self, 'linear', None) is None:
+      raise ValueError('FeatureProbe.predict before fit.')
+    lin, x = self.linear, self._x(kernels)
+    if x.shape[1] != lin['mean'].size:
+      raise ValueError(f'{self.features} features of {x.shape[1]} values, the probe was fitted on '
+                       f'{lin["mean"].size}: models whose read layers have other shapes.')
+    return ((x - lin['mean']) / lin['scale']) @ lin['coef'].T + lin['intercept']
+
   def predict(self, kernels) -> np.ndarray:
-    return self.clf.predict_proba(self.scaler.transform(self._x(kernels)))
+    z = self._logits(kernels)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
   def embed(self, kernels) -> np.ndarray:
     """L2-normalised logits of the regression (as LPS embeds with its FC outputs)."""
-    z = self.clf.decision_function(self.scaler.transform(self._x(kernels)))
+    z = self._logits(kernels)
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+  # -- serialisation (lps_query's index): the fitted state is a few arrays
+  def state(self) -> dict:
+    """The fitted probe as arrays: the regression, and the weight-matching reference."""
+    out = {f'linear/{k}': v for k, v in self.linear.items()}
+    if isinstance(self.reference, dict):      # rebasin_chain: {path: array}
+      out.update({f'reference/{p}': v for p, v in self.reference.items()})
+    elif self.reference is not None:          # rebasin: one array per layer
+      out.update({f'reference/{i}': v for i, v in enumerate(self.reference)})
+    return out
+
+  def load_state(self, arrays: dict) -> None:
+    self.linear = {k.split('/', 1)[1]: np.asarray(v) for k, v in arrays.items()
+                   if k.startswith('linear/')}
+    ref = {k.split('/', 1)[1]: np.asarray(v) for k, v in arrays.items()
+           if k.startswith('reference/')}
+    if self.features == 'rebasin_chain':
+      self.reference = ref
+    elif self.features == 'rebasin':
+      self.reference = [ref[str(i)] for i in range(len(ref))]

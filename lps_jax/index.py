@@ -1,10 +1,12 @@
-"""A retrieval index over a model set: a second-order network trained on all of its models
-(every task a class) and the parameter representations of those models.
+"""A retrieval index over a model set: a second-order network (or a kernel probe) trained on
+all of its models (every task a class) and the parameter representations of those models.
 
-A query is one model's conv kernels; the answer ranks the known tasks by the network's task
-probabilities (Eq. 9's mixture) and the known models by cosine similarity of representations
-(Sec. 5.2). Saved as a folder: index.json (method, config, tasks, layer shapes), variables.msgpack
-(the trained network) and embeddings.npz (one row per indexed model).
+A query is one model's conv kernels; the answer ranks the known tasks by the model's task
+probabilities (Eq. 9's mixture, or the probe's regression) and the known models by cosine
+similarity of representations (Sec. 5.2). Saved as a folder: index.json (method, config, tasks,
+layer shapes), variables.msgpack (a trained network) or probe.npz (a fitted probe), and
+embeddings.npz (one row per indexed model). A probe whose features do not depend on the channel
+counts (`Method.any_width`: gram, weight_stats) answers models of other widths.
 """
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from lps_jax import methods, resnet
-from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel
+from lps_jax import baselines, methods, resnet
+from lps_jax.second_order_fit import SecondOrderConfig
 
 FORMAT = 1
+KINDS = ('second_order', 'probe')   # what an index can hold
+
+
+def method_names() -> list[str]:
+  """The methods an index can be built with."""
+  return [n for n, m in methods.REGISTRY.items() if m.kind in KINDS]
 
 
 class QueryError(ValueError):
@@ -31,7 +39,7 @@ class Index:
   config: SecondOrderConfig
   tasks: np.ndarray              # task id of each class of the network
   shapes: list                   # HWIO shape of each conv layer the network reads
-  model: SecondOrderModel
+  model: object                  # SecondOrderModel or baselines.FeatureProbe
   embeddings: np.ndarray         # (M, D), L2-normalised
   task_id: np.ndarray            # (M,)
   run: np.ndarray                # (M,)
@@ -41,22 +49,26 @@ class Index:
   def num_layers(self) -> int:
     return len(self.shapes)
 
+  @property
+  def any_width(self) -> bool:
+    return methods.get(self.method).any_width
+
 
 def build(kernels: Sequence[np.ndarray], task_id: np.ndarray, run: np.ndarray,
           method: str = 'lps', config: SecondOrderConfig = SecondOrderConfig(),
           source: str = '', progress: Optional[Callable] = None) -> Index:
-  """Trains `method` (a second-order method of `methods.REGISTRY`) on all models, every task
-  a class, and embeds them."""
+  """Trains `method` (a second-order or probe method of `methods.REGISTRY`) on all models,
+  every task a class, and embeds them."""
   m = methods.get(method)
-  if m.kind != 'second_order':
-    raise ValueError(f'an index needs a second-order method (e.g. lps, lps_std); {method!r} '
-                     f'is a {m.kind}.')
+  if m.kind not in KINDS:
+    raise ValueError(f'an index needs a second-order or probe method ({", ".join(method_names())}'
+                     f'); {method!r} is a {m.kind}.')
   cfg = m.config(config)
   tasks = np.unique(task_id)
   labels = np.searchsorted(tasks, task_id).astype(np.int32)
-  model = SecondOrderModel(cfg, tasks.size)
+  model = methods.build(m, cfg, tasks.size)
   model.fit(kernels, labels, progress=progress)
-  num_layers = max(cfg.active_layers()) + 1
+  num_layers = m.num_layers(cfg)
   return Index(method, cfg, tasks, [list(np.asarray(k).shape[1:]) for k in kernels[:num_layers]],
                model, model.embed(kernels), np.asarray(task_id), np.asarray(run), source)
 
@@ -67,7 +79,11 @@ def save(path: str, index: Index) -> None:
     os.remove(os.path.join(path, 'index.json'))
   meta = {'format': FORMAT, 'method': index.method, 'config': dataclasses.asdict(index.config),
           'tasks': index.tasks.tolist(), 'shapes': index.shapes, 'source': index.source}
-  for name, write in [('variables.msgpack', lambda f: f.write(index.model.to_bytes())),
+  if isinstance(index.model, baselines.FeatureProbe):
+    model_file = ('probe.npz', lambda f: np.savez(f, **index.model.state()))
+  else:
+    model_file = ('variables.msgpack', lambda f: f.write(index.model.to_bytes()))
+  for name, write in [model_file,
                       ('embeddings.npz', lambda f: np.savez(f, embeddings=index.embeddings,
                                                             task_id=index.task_id,
                                                             run=index.run)),
@@ -89,10 +105,14 @@ def load(path: str) -> Index:
     cfg = SecondOrderConfig(**resnet.tuples_from_json(meta['config']))
     with np.load(os.path.join(path, 'embeddings.npz')) as f:
       emb, task_id, run = f['embeddings'], f['task_id'], f['run']
-    model = SecondOrderModel(cfg, len(meta['tasks']))
-    example = [np.zeros([1] + s, np.float32) for s in meta['shapes']]
-    with open(os.path.join(path, 'variables.msgpack'), 'rb') as f:
-      model.from_bytes(example, f.read())
+    model = methods.build(methods.get(meta['method']), cfg, len(meta['tasks']))
+    if isinstance(model, baselines.FeatureProbe):
+      with np.load(os.path.join(path, 'probe.npz')) as f:
+        model.load_state({k: f[k] for k in f.files})
+    else:
+      example = [np.zeros([1] + s, np.float32) for s in meta['shapes']]
+      with open(os.path.join(path, 'variables.msgpack'), 'rb') as f:
+        model.from_bytes(example, f.read())
   except Exception as e:
     raise QueryError(f'index at {path!r} is unreadable ({type(e).__name__}: {e}); rebuild it '
                       'with --build.') from e
@@ -105,10 +125,17 @@ def check_kernels(index: Index, kernels: Sequence[np.ndarray], origin: str) -> N
     raise QueryError(f'{origin}: {len(kernels)} conv layers given, the index reads '
                       f'{index.num_layers}.')
   for i, (k, shape) in enumerate(zip(kernels, index.shapes)):
-    if list(k.shape[-4:]) != list(shape):
+    # A width-free probe reads any number of channels: the first layer's filters must have the
+    # same size (h, w, RGB inputs), deeper ones the same h, w (the probe checks its features).
+    compared = (3 if i == 0 else 2) if index.any_width else 4
+    if list(k.shape[-4:])[:compared] != list(shape)[:compared]:
+      hint = ('the wrong layer' if index.any_width else 'a ResNet of another width (an index '
+              'of a method that reads any width takes it: ' +
+              ', '.join(n for n in method_names() if methods.get(n).any_width) + '), or the '
+              'wrong layer')
       raise QueryError(f'{origin}: conv layer {i + 1} has HWIO shape {tuple(k.shape[-4:])}, '
-                        f'the index expects {tuple(shape)} (a ResNet of another width, or '
-                        'the wrong layer: name the layers with --layers, or set --layout).')
+                        f'the index expects {tuple(shape)} ({hint}: name the layers with '
+                        '--layers, or set --layout).')
     if not np.all(np.isfinite(k)):
       raise QueryError(f'{origin}: conv layer {i + 1} has NaN/Inf weights.')
 

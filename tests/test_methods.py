@@ -128,6 +128,31 @@ def test_probes_beat_chance_and_random_does_not_learn():
   assert np.mean(rand) < 0.5
 
 
+@pytest.mark.parametrize('features,classes', [('rebasin', 5), ('gram', 2)])
+def test_probe_equals_sklearn_and_its_state_round_trips(features, classes):
+  """predict / embed from the probe's arrays are sklearn's predict_proba and normalised
+  decision_function (two classes too); a probe rebuilt from `state()` answers the same."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+  kernels, task_id = _toy(np.random.default_rng(4), tasks=classes, runs=6)
+  probe = baselines.FeatureProbe(features, [0], classes)
+  probe.fit(kernels, task_id)
+  x = probe._x(kernels)
+  scaler = StandardScaler().fit(x)
+  clf = LogisticRegression(max_iter=3000).fit(scaler.transform(x), task_id)
+  np.testing.assert_allclose(probe.predict(kernels), clf.predict_proba(scaler.transform(x)),
+                             atol=1e-12)
+  z = clf.decision_function(scaler.transform(x))
+  z = np.stack([-z / 2, z / 2], 1) if z.ndim == 1 else z
+  np.testing.assert_allclose(probe.embed(kernels), z / np.linalg.norm(z, axis=1, keepdims=True),
+                             atol=1e-12)
+  again = baselines.FeatureProbe(features, [0], classes)
+  again.load_state(probe.state())
+  np.testing.assert_array_equal(again.predict(kernels), probe.predict(kernels))
+  with pytest.raises(ValueError, match='the probe was fitted on'):   # other filters / inputs
+    probe.predict([kernels[0][..., :2] if features == 'rebasin' else kernels[0][:, :, :, :2]])
+
+
 def test_each_split_draws_its_own_phi_and_shuffling():
   rng = np.random.default_rng(0)
   kernels, y = _toy(rng)

@@ -134,5 +134,33 @@ def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   assert r.returncode != 0 and "no arrays named ['conv9']" in r.stderr
   r = _query(index, str(paths['npz']), '--layers=stage2_block1/conv2')
   assert r.returncode != 0 and 'the index expects (3, 3, 3, 4)' in r.stderr
+  assert 'an index of a method that reads any width takes it: weight_stats, gram' in r.stderr
   r = _query(f'--index={tmp_path}/none', str(paths['npz']))
   assert r.returncode != 0 and 'none: not found. Build one with --build' in r.stderr
+
+
+def test_a_width_free_probe_index_names_a_wider_models_task(tmp_path, tiny_set):
+  """An index of the Gram probe (layer 1, any width) round-trips through its folder and answers
+  a 2x-wide copy of a model (each first-layer filter twice: the same Gram matrix and mean
+  filter) exactly as the model itself; the LPS index refuses the wider model in one line."""
+  from lps_jax import index
+  from lps_jax.second_order_fit import SecondOrderConfig
+  kernels, task_id, _, run = modelset.load_kernels(tiny_set, 1)
+  built = index.build(kernels, task_id, run, 'gram', SecondOrderConfig())
+  index.save(str(tmp_path / 'gram'), built)
+  idx = index.load(str(tmp_path / 'gram'))
+  assert sorted(os.listdir(tmp_path / 'gram')) == ['embeddings.npz', 'index.json', 'probe.npz']
+  _, _, one = _model_kernels(tiny_set, row=5)
+  wide = [np.concatenate([one[0], one[0]], axis=-1)]          # (3, 3, 3, 8): twice the filters
+  index.check_kernels(idx, wide, 'wide')
+  a, b = index.query(idx, one), index.query(idx, wide)
+  assert a['tasks'][0]['task'] == 1 and a['models'][0]['row'] == 5
+  for x, y in zip(a['tasks'] + a['models'], b['tasks'] + b['models']):
+    assert x == pytest.approx(y, abs=1e-9)
+  np.testing.assert_allclose(idx.embeddings, built.embeddings)
+  lps = index.Index('lps', SecondOrderConfig(), idx.tasks, idx.shapes, None, idx.embeddings,
+                    idx.task_id, idx.run)
+  with pytest.raises(index.QueryError, match=r'reads any width takes it: weight_stats, gram'):
+    index.check_kernels(lps, wide, 'wide')
+  with pytest.raises(ValueError, match='an index needs a second-order or probe method'):
+    index.build(kernels, task_id, run, 'wn_invariant', SecondOrderConfig())
