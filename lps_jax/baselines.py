@@ -155,6 +155,7 @@ class FeatureProbe:
     self.features, self.layers, self.num_classes, self.C = features, tuple(layers), num_classes, C
     self.spec, self.paths = spec, tuple(paths)
     self.reference = None
+    self.linear = None   # fitted: standardisation and regression arrays
 
   def _x(self, kernels) -> np.ndarray:
     ks = [np.asarray(kernels[i], np.float64) for i in self.layers]
@@ -186,7 +187,7 @@ class FeatureProbe:
   def _logits(self, kernels) -> np.ndarray:
     """The regression's logits: standardised features times the weights (sklearn's
     decision_function; its predict_proba is their softmax)."""
-    if getattr(self, 'linear', None) is None:
+    if self.linear is None:
       raise ValueError('FeatureProbe.predict before fit.')
     lin, x = self.linear, self._x(kernels)
     if x.shape[1] != lin['mean'].size:

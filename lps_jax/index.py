@@ -131,7 +131,7 @@ def check_kernels(index: Index, kernels: Sequence[np.ndarray], origin: str) -> N
     if list(k.shape[-4:])[:compared] != list(shape)[:compared]:
       hint = ('the wrong layer' if index.any_width else 'a ResNet of another width (an index '
               'of a method that reads any width takes it: ' +
-              ', '.join(n for n in method_names() if methods.get(n).any_width) + '), or the '
+              ', '.join(n for n in methods.width_free() if n in method_names()) + '), or the '
               'wrong layer')
       raise QueryError(f'{origin}: conv layer {i + 1} has HWIO shape {tuple(k.shape[-4:])}, '
                         f'the index expects {tuple(shape)} ({hint}: name the layers with '

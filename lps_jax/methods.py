@@ -234,6 +234,11 @@ def _network(method: Method, base: SecondOrderConfig, num_classes: int, cache):
   return inner
 
 
+def width_free() -> list[str]:
+  """Names of the methods that read models of any channel count (`any_width`)."""
+  return [n for n, m in REGISTRY.items() if m.any_width]
+
+
 def fit_count(method: Method, base: SecondOrderConfig) -> int:
   """Epochs a progress bar counts for one fit."""
   if method.kind == 'ensemble':

@@ -250,7 +250,7 @@ def run_cross_architecture(kernels, task_id, other_kernels, other_task_id, metho
     raise ValueError(f'the other model set has tasks {absent[:10]} that the fitted set lacks.')
   layers = m.active_layers(config)
   if not m.any_width and _shapes(kernels, layers) != _shapes(other_kernels, layers):
-    width_free = ', '.join(n for n, x in methods.REGISTRY.items() if x.any_width)
+    width_free = ', '.join(methods.width_free())
     raise ValueError(f'method {method!r} reads layers of fixed shape {_shapes(kernels, layers)[0]}'
                      f', the other models have {_shapes(other_kernels, layers)[0]}; methods that '
                      f'read any width: {width_free}.')
