@@ -349,3 +349,19 @@ def torch_available() -> bool:
 def load_splits(data_dir, size: int, task_ids=None):
   """Train / held-out splits with the classes of a population of `size` models."""
   return data.load('npz', data_dir, classes=data.task_classes(bench_tasks(size, task_ids)))
+
+
+def print_table(title, cols, rows):
+  """A markdown table of `rows` under `title`; `cols` are (header, row -> str); a row that
+  was skipped or failed prints its reason after the first five columns."""
+  print(f'\n### {title}\n')
+  print('| ' + ' | '.join(c for c, _ in cols) + ' |')
+  print('|' + '---|' * len(cols))
+  for r in rows:
+    if 'images_per_s' not in r and ('skipped' in r or 'error' in r):
+      why = r.get('skipped') or r.get('error')
+      print('| ' + ' | '.join(fmt(r) for _, fmt in cols[:5]) + f' | {why[:80]} |'
+            + ' |' * (len(cols) - 6))
+      continue
+    print('| ' + ' | '.join(fmt(r) for _, fmt in cols) + ' |')
+  sys.stdout.flush()

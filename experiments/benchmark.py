@@ -37,7 +37,7 @@ import time
 
 from absl import flags
 
-from experiments import bench_lib, flagdefs
+from experiments import bench_kernels, bench_lib, flagdefs
 from lps_jax import align, resnet, slices
 from lps_jax.config_checks import Range
 from lps_jax import data as data_lib
@@ -94,20 +94,6 @@ flagdefs.input_path('data_dir', 'dir', when=lambda f: f['data_dir'].present)
 flagdefs.parsed('task_ids', slices.parse_task_ids)
 flagdefs.output_path('out', 'file')
 FLAGS = flags.FLAGS
-
-
-def _table(title, cols, rows):
-  print(f'\n### {title}\n')
-  print('| ' + ' | '.join(c for c, _ in cols) + ' |')
-  print('|' + '---|' * len(cols))
-  for r in rows:
-    if 'images_per_s' not in r and ('skipped' in r or 'error' in r):
-      why = r.get('skipped') or r.get('error')
-      print('| ' + ' | '.join(fmt(r) for _, fmt in cols[:5]) + f' | {why[:80]} |'
-            + ' |' * (len(cols) - 6))
-      continue
-    print('| ' + ' | '.join(fmt(r) for _, fmt in cols) + ' |')
-  sys.stdout.flush()
 
 
 def matmul_suite():
@@ -221,7 +207,7 @@ def train_suite(peak):
             and 'images_per_s' in b]
     r['vs_default'] = (r['images_per_s'] / base[0]['images_per_s']
                        if base and 'images_per_s' in r else None)
-  _table('first-order training', _TRAIN_COLS + [
+  bench_lib.print_table('first-order training', _TRAIN_COLS + [
       ('vs default', lambda r: f'{r["vs_default"]:.2f}x' if r['vs_default'] else '-')], rows)
   return rows
 
@@ -264,59 +250,6 @@ def torch_suite(peak):
       size, 'default', bench_lib.parse_config('default'))}
 
 
-def convs_suite():
-  """Each stride-1 3x3 conv shape of ResNet-20, one pass at a time: XLA against PyTorch's
-  channels_last (oneDNN) kernels, and the weight gradient as shifted matmuls (what bounds the
-  train step; BENCHMARKS.md)."""
-  with_torch, with_onednn = bench_lib.torch_available(), bench_lib.onednn_available()
-  if not with_torch:
-    print('\nconvs suite: PyTorch is not installed, no torch columns (pip install torch).')
-  if not with_onednn:
-    print('\nconvs suite: the oneDNN extension is unavailable, no onednn columns '
-          '(pip install -e .[onednn]).')
-  rows, passes = [], ('forward', 'input grad', 'weight grad')
-  for side, cin, cout, count in bench_lib.RESNET20_CONVS:
-    row = {'shape': f'{side}x{side} {cin}->{cout}', 'c_in': cin, 'count': count,
-           'xla': bench_lib.xla_conv_ms(side, cin, cout, FLAGS.batch_size)}
-    if with_onednn:
-      row['onednn'] = bench_lib.onednn_conv_ms(side, cin, cout, FLAGS.batch_size)
-    if with_torch:
-      row['torch'] = bench_lib.torch_conv_ms(side, cin, cout, FLAGS.batch_size)
-    rows.append(row)
-  # A train step needs no input gradient of the first conv (its input is the image, c_in 3).
-  needed = lambda r, p: r['count'] * (p != 'input grad' or r['c_in'] != 3)
-  totals = {lib: {p: sum(needed(r, p) * r[lib][p] for r in rows) for p in passes}
-            for lib in ('xla', 'onednn', 'torch') if lib in rows[0]}
-  cols = [(lib, p) for lib in totals for p in passes]
-  cols += [('xla', p) for p in rows[0]['xla'] if p not in passes]   # the reformulations
-  print(f'\n### 3x3 convs of ResNet-20, batch {FLAGS.batch_size}, best of 5 (ms)\n')
-  print('| conv | per network | ' + ' | '.join(f'{lib} {p}' for lib, p in cols) + ' |')
-  print('|---|---|' + '---|' * len(cols))
-  for r in rows:
-    print(f'| {r["shape"]} | {r["count"]} | '
-          + ' | '.join(f'{r[lib][p]:.1f}' for lib, p in cols) + ' |')
-  print('| per model step (count-weighted) | | '
-        + ' | '.join(f'{totals[lib][p]:.0f}' if p in passes else '' for lib, p in cols) + ' |')
-  sys.stdout.flush()
-  return {'rows': rows, 'per_model_step_ms': totals, 'batch_size': FLAGS.batch_size}
-
-
-def breakdown_suite():
-  """Where one model's train step spends its time, for each conv impl."""
-  threads = len(os.sched_getaffinity(0))
-  rows = {impl: bench_lib.step_breakdown(impl, FLAGS.batch_size, threads)
-          for impl in FLAGS.breakdown_impls}
-  parts = list(next(iter(rows.values())))
-  print(f'\n### One model\'s train step, batch {FLAGS.batch_size}, one device, {threads} '
-        'threads per call, best of 5 (ms)\n')
-  print('| part | ' + ' | '.join(rows) + ' |')
-  print('|---|' + '---|' * len(rows))
-  for p in parts:
-    print(f'| {p} | ' + ' | '.join(f'{rows[i][p]:.1f}' for i in rows) + ' |')
-  sys.stdout.flush()
-  return {'rows': rows, 'threads': threads, 'batch_size': FLAGS.batch_size}
-
-
 def devices_suite(peak):
   import jax
   size = FLAGS.devices_population
@@ -326,59 +259,7 @@ def devices_suite(peak):
   rows = [_measure_train(size, spec.format(n), splits, peak)
           for n in map(int, FLAGS.device_counts)
           if n <= len(jax.local_devices()) and size % n == 0]
-  _table(f'same population ({size}) over more devices', _TRAIN_COLS, rows)
-  return rows
-
-
-def align_suite(peak):
-  """Aligns populations of each ResNet-20 layer shape against G filters: fwd and fwd+bwd."""
-  import jax
-  import jax.numpy as jnp
-  from lps_jax import align
-  shapes = [('conv1 (layer 1)', (3, 3, 3, 16), True),
-            ('16->16 (layers 2-7)', (3, 3, 16, 16), False),
-            ('32->32 (layers 9-13)', (3, 3, 32, 32), False),
-            ('64->64 (layers 15-19)', (3, 3, 64, 64), False)]
-  backend = jax.default_backend()
-  rows = []
-  print(f'\nalign: backend={backend}, chunk={FLAGS.align_chunk}')
-  for m in map(int, FLAGS.align_sizes):
-    for big_g in map(int, FLAGS.align_filters):
-      for (name, shape, first), impl in [(sh, i) for sh in shapes for i in
-                                         (['auto'] if sh[2] else FLAGS.align_impls)]:
-        key = jax.random.PRNGKey(0)
-        kernels = jax.random.normal(key, (m,) + shape)
-        phi = jax.random.normal(jax.random.fold_in(key, 1), shape[:3] + (big_g,))
-        h, w, c, g = shape
-        flops = 2 * h * w * c * g * big_g * (1 if first else c)  # Eq. 7 or Eq. 5 per model.
-        chunk = min(FLAGS.align_chunk, m)
-        fwd = lambda k, p: align.align_population(k, p, first, models_per_chunk=chunk, impl=impl)
-        t_fwd = bench_lib.best_time(fwd, kernels, phi, repeats=2)
-        grad = jax.jit(jax.grad(lambda p, k: jnp.sum(jax.vmap(
-            lambda t: align.align_layer(t, p, first, impl=impl))(k))))
-        t_grad = bench_lib.best_time(grad, phi, kernels[:chunk], repeats=2) * (m / chunk)
-        compiled = jax.jit(jax.vmap(lambda t, p: align.align_layer(t, p, first, impl=impl),
-                                    (0, None))).lower(kernels[:chunk], phi).compile()
-        mem = compiled.memory_analysis()
-        chunk_mem = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                     + mem.output_size_in_bytes) if mem is not None else None
-        row = {'layer': name, 'models': m, 'G': big_g, 'chunk': chunk, 'backend': backend,
-               'impl': impl,
-               'fwd_models_per_s': m / t_fwd, 'fwd_bwd_models_per_s': m / t_grad,
-               'fwd_gflops': flops * m / t_fwd / 1e9, 'chunk_memory_bytes': chunk_mem}
-        row['pct_of_matmul'] = 100 * row['fwd_gflops'] / peak if peak else float('nan')
-        rows.append(row)
-        print(f'{m:>5} G={big_g:<4} {name:>22} {impl:>6}: fwd {row["fwd_models_per_s"]:9.0f} models/s '
-              f'({row["fwd_gflops"]:6.1f} GFLOP/s) | fwd+bwd {row["fwd_bwd_models_per_s"]:8.0f} '
-              f'models/s | chunk memory {(chunk_mem or 0) / 2**20:.0f} MB', flush=True)
-  _table('alignment (Eq. 5-8), align_population defaults', [
-      ('models', lambda r: str(r['models'])), ('G', lambda r: str(r['G'])),
-      ('layer shape', lambda r: r['layer']), ('Eq. 5+6', lambda r: r['impl']),
-      ('fwd models/s', lambda r: f'{r["fwd_models_per_s"]:.0f}'),
-      ('fwd GFLOP/s', lambda r: f'{r["fwd_gflops"]:.1f}'),
-      ('% of matmul', lambda r: f'{r["pct_of_matmul"]:.1f}'),
-      ('fwd+bwd models/s', lambda r: f'{r["fwd_bwd_models_per_s"]:.0f}'),
-      ('memory per chunk (MB)', lambda r: f'{(r["chunk_memory_bytes"] or 0) / 2**20:.0f}')], rows)
+  bench_lib.print_table(f'same population ({size}) over more devices', _TRAIN_COLS, rows)
   return rows
 
 
@@ -417,7 +298,7 @@ def chunks_suite():
     rows.append(row)
     print(f'population {pop:>4} (chunks of {FLAGS.chunk_size}): peak RSS '
           f'{row["peak_rss_mb"]:.0f} MB, {row["seconds"]:.0f} s', flush=True)
-  _table('host memory vs population at a fixed chunk size', [
+  bench_lib.print_table('host memory vs population at a fixed chunk size', [
       ('population', lambda r: str(r['population'])), ('chunk', lambda r: str(r['chunk'])),
       ('peak RSS (MB)', lambda r: f'{r["peak_rss_mb"]:.0f}'),
       ('wall (s)', lambda r: f'{r["seconds"]:.0f}')], rows)
@@ -439,9 +320,13 @@ def main(argv):
   results['matmul'] = matmul_suite()
   peak = results['matmul']['gflops']
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
-            ('torch', lambda: torch_suite(peak)), ('convs', convs_suite),
-            ('breakdown', breakdown_suite),
-            ('align', lambda: align_suite(peak)),
+            ('torch', lambda: torch_suite(peak)),
+            ('convs', lambda: bench_kernels.convs_suite(FLAGS.batch_size)),
+            ('breakdown', lambda: bench_kernels.breakdown_suite(FLAGS.breakdown_impls,
+                                                                FLAGS.batch_size)),
+            ('align', lambda: bench_kernels.align_suite(
+                peak, [int(s) for s in FLAGS.align_sizes], [int(s) for s in FLAGS.align_filters],
+                FLAGS.align_chunk, FLAGS.align_impls)),
             ('chunks', chunks_suite)]
   for name, run in suites:
     if name in FLAGS.suites:

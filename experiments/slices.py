@@ -52,7 +52,7 @@ def model_id(value: str) -> tuple[int, int]:
   """'TASK:RUN' -> (task, run)."""
   parts = value.split(':')
   if len(parts) != 2 or not all(p.isdigit() for p in parts):
-    raise ValueError(f'use TASK:RUN, e.g. 0:3.')
+    raise ValueError('use TASK:RUN, e.g. 0:3.')
   return int(parts[0]), int(parts[1])
 
 

@@ -8,7 +8,6 @@ chunks are never retrained). The model set is written to <workdir>/modelset
 (`lps_jax.modelset.load`). The recipe / population / execution flags come from the config
 dataclasses in `lps_jax.train_config` (defaults = the paper's).
 """
-import json
 import logging as py_logging
 import os
 import sys

@@ -118,16 +118,13 @@ def rebasin_reference(kernels: Sequence[np.ndarray], rounds: int = 2) -> list[np
   return ref
 
 
-def _model_flats(kernels: Sequence[np.ndarray], paths: Sequence[str]) -> list[dict]:
-  return [{p: k[m] for p, k in zip(paths, kernels)} for m in range(kernels[0].shape[0])]
-
-
 def chain_reference(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
                     rounds: int = 2) -> dict:
   """The mean of the models aligned by whole-chain weight matching (permutations.align_to_mean);
   `paths` names each layer of `kernels` in `spec`."""
   from lps_jax import permutations
-  return permutations.align_to_mean(spec, _model_flats(kernels, paths), rounds)[0]
+  models = permutations.unstack(dict(zip(paths, kernels)))
+  return permutations.align_to_mean(spec, models, rounds)[0]
 
 
 def chain_features(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
@@ -135,7 +132,7 @@ def chain_features(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
   """(M, F): each model's layers, aligned to `reference` jointly, flattened."""
   from lps_jax import permutations
   rows = []
-  for flat in _model_flats(kernels, paths):
+  for flat in permutations.unstack(dict(zip(paths, kernels))):
     aligned = permutations.apply(spec, permutations.weight_matching(spec, reference, flat), flat)
     rows.append(np.concatenate([aligned[p].ravel() for p in paths]))
   return np.stack(rows)

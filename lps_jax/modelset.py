@@ -267,8 +267,7 @@ class NetworkStack(list):
 
   def model_flats(self, prefix: str = '') -> list[dict]:
     """One {path: array} dict per model, of the paths that start with `prefix`."""
-    chosen = [(p, a) for p, a in zip(self.paths, self) if p.startswith(prefix)]
-    return [{p: np.asarray(a[m]) for p, a in chosen} for m in range(np.asarray(self[0]).shape[0])]
+    return permutations.unstack({p: a for p, a in zip(self.paths, self) if p.startswith(prefix)})
 
   def replaced(self, flats: Sequence[dict]) -> 'NetworkStack':
     """This stack with the paths the per-model dicts hold restacked from them."""

@@ -87,6 +87,16 @@ def unflatten(flat: Flat) -> dict:
   return out
 
 
+def unstack(stacked: Flat) -> list[Flat]:
+  """{path: (M, ...) array} -> one {path: array} per model."""
+  arrays = {p: np.asarray(a) for p, a in stacked.items()}
+  count = {a.shape[0] for a in arrays.values()}
+  if len(count) != 1:
+    raise ValueError(f'cannot unstack: the variables hold {sorted(count)} models (none given, '
+                     'or stacks of different sizes).')
+  return [{p: a[m] for p, a in arrays.items()} for m in range(count.pop())]
+
+
 def apply(spec: PermutationSpec, perms: Perms, flat: Flat,
           except_axis: Optional[tuple[str, int]] = None) -> Flat:
   """Every variable with each permuted axis reordered, `x[..., perm[g], ...]` (np.take): the

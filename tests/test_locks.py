@@ -42,7 +42,7 @@ def test_a_killed_holder_never_blocks(tmp_path):
 def test_results_folder_is_one_run_at_a_time(tmp_path):
   d = str(tmp_path / 'res')
   p = _holder(d)
-  with pytest.raises(locks.FolderBusy, match=f'--results_dir'):
+  with pytest.raises(locks.FolderBusy, match='--results_dir'):
     results.ResultsDir(d, {'a': 1})
   p.send_signal(signal.SIGKILL)
   p.wait()

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.optimize import linear_sum_assignment
 
 from lps_jax import permutations as P
@@ -105,3 +106,16 @@ def test_align_to_mean_undoes_random_permutations_of_noisy_copies():
                                       ms[0]['params/stage2_block1/conv1/kernel']).mean()
                                for m in ms[1:]])
   assert spread(aligned) < 0.2 * spread(models)
+
+
+def test_unstack_gives_one_flat_per_model_and_refuses_mixed_counts():
+  stacked = {'a': np.arange(6.).reshape(3, 2), 'b': np.arange(3.)}
+  models = P.unstack(stacked)
+  assert len(models) == 3
+  for m, flat in enumerate(models):
+    np.testing.assert_array_equal(flat['a'], stacked['a'][m])
+    assert flat['b'] == stacked['b'][m]
+  with pytest.raises(ValueError, match='cannot unstack'):
+    P.unstack({'a': np.zeros((3, 2)), 'b': np.zeros(4)})
+  with pytest.raises(ValueError, match='cannot unstack'):
+    P.unstack({})
