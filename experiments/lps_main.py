@@ -27,8 +27,10 @@ from lps_jax.config_checks import Range
 flags.DEFINE_enum('mode', 'classification', list(lps_modes.MODES),
                   ' '.join(f'{m.name}: {m.help}' for m in lps_modes.MODES.values()))
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz',
-                    'A model set folder (train_population workdir/modelset) or a kernels .npz '
-                    '(first layer only: enough for Tables 1-2, not for the figures).')
+                    'A model set folder (train_population workdir/modelset), a folder of '
+                    'ModelSet500 slices (results/modelset500: the models its slices keep whole, '
+                    'tasks 12 on) or a kernels .npz (first layer only: enough for Tables 1-2, '
+                    'not for the figures).')
 flags.DEFINE_list('methods', list(methods.PAPER_METHODS),
                   'Methods of the classification / retrieval modes: '
                   + ', '.join(methods.REGISTRY) + '.')

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from experiments import lps_render
-from lps_jax import data, methods, modelset, protocols, resnet
+from lps_jax import data, methods, modelset, protocols, resnet, slice_models
 from lps_jax.second_order_fit import SecondOrderConfig
 
 
@@ -175,9 +175,15 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
   needs them) as the kernels."""
   chosen = [methods.get(m) for m in method_names] if mode.takes_methods or mode.branch_methods else []
   readers = [m.name for m in chosen if m.reads_networks]
+  # A folder of slices (results/modelset500) is read as the models its slices keep whole.
+  whole = slice_models.load_whole(path) if slice_models.is_slices_root(path) else None
   if mode.folder_reason is None and not readers:
     num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
-    kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)
+    if whole is not None:
+      kernels, names = modelset.layer_kernels(whole.models, num_layers)
+      task_id = whole.models.task_id
+    else:
+      kernels, task_id, names, _ = modelset.load_kernels(path, num_layers)
     for m in chosen:
       missing = [names[i] for i in m.active_layers(config) if kernels[i] is None]
       if missing:
@@ -191,16 +197,20 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
     why = (f'{mode.name} mode {mode.folder_reason}' if mode.folder_reason else
            f'{", ".join(readers)} read every layer, BatchNorm and the FC of each model, so they '
            f'{_FOLDER}')
-    raise modelset.ModelSetError(f'{why}; got {path}. Build it with python -m '
+    raise modelset.ModelSetError(f'{why}; got {path}. Pass results/modelset500 (the '
+                                 'paper-recipe models kept whole), or build one with python -m '
                                  'experiments.train_population '
                                  '--flagfile=experiments/flags/modelset_cpu.flags (~1 h on 2 '
                                  'cores).')
-  ms = modelset.load(path)
+  ms = whole.models if whole is not None else modelset.load(path)
   stack = None
   if readers:
     stack = modelset.network_stack(ms)
     if any(m.reads_probe_outputs for m in chosen):
-      stack = stack.with_array(methods.PROBE_OUTPUTS, functional_outputs(stack, images, cache))
+      stored = None if whole is None else whole.logits   # computed before the float16 cast
+      outputs = (stored.reshape(len(ms), -1) if stored is not None
+                 else functional_outputs(stack, images, cache))
+      stack = stack.with_array(methods.PROBE_OUTPUTS, outputs)
   if mode.takes_methods:
     return stack, ms.task_id, None, None
   if mode.name == 'transfer':

@@ -40,7 +40,8 @@ flags.DEFINE_string('model', None, 'replay: TASK:RUN of the model to retrain (de
                     "slice's first).")
 flags.DEFINE_integer('replay_epochs', None, 'replay: epochs to retrain (default: see above).')
 flags.DEFINE_string('data_dir', data_lib.default_data_dir(),
-                    f'replay: offline data folder; default ${data_lib.DATA_DIR_ENV}.')
+                    f'replay / stage / export (the probe logits): offline data folder; default '
+                    f'${data_lib.DATA_DIR_ENV}.')
 flags.DEFINE_integer('num_cpu_devices', 2, 'replay: simulated CPU devices (as the slice ran).')
 flags.DEFINE_list('task_ids', None, 'stage: the tasks (ranges A-B) whose images to stage.')
 flags.DEFINE_string('stage_dir', '.stage', 'stage: where the parts go (git-ignored; a device '
@@ -64,7 +65,7 @@ flagdefs.input_path('slice', 'dir', when=lambda f: f.action == 'replay')
 flagdefs.parsed('model', model_id)
 flagdefs.check('replay_epochs', Range(1, integer=True))
 flagdefs.check('num_cpu_devices', Range(1, integer=True))
-flagdefs.input_path('data_dir', 'dir', when=lambda f: f.action in ('replay', 'stage'))
+flagdefs.input_path('data_dir', 'dir', when=lambda f: f.action in ('replay', 'stage', 'export'))
 flagdefs.parsed('task_ids', slices.parse_task_ids)
 flagdefs.output_path('stage_dir', 'dir', when=lambda f: f.action == 'stage')
 flagdefs.check('part_mib', Range(0, open=True))
@@ -88,7 +89,7 @@ def _merge(check_only: bool) -> None:
 
 
 def _export() -> None:
-  from lps_jax import modelset, workdir
+  from lps_jax import modelset, slice_models, workdir
   if not FLAGS.workdir:
     raise slices.SliceError('--action=export needs --workdir (a finished train_population run).')
   result = modelset.load(FLAGS.workdir)
@@ -97,10 +98,14 @@ def _export() -> None:
     raise slices.SliceError(f'{FLAGS.workdir} has no timing.json: it is not a finished run.')
   execution = slices.execution_of(timing[-1])
   chunks = len(os.listdir(os.path.join(FLAGS.workdir, 'chunks')))
+  test = data_lib.test_split(result.config['dataset'], FLAGS.data_dir)
   folder = slices.export(FLAGS.root, result, execution,
                          sum(t['wall_seconds'] for t in timing),
                          'python -m experiments.train_population ' + ' '.join(timing[-1]['argv']),
-                         early=workdir.early_kernels(FLAGS.workdir, chunks))
+                         early=workdir.early_kernels(FLAGS.workdir, chunks, slices.RECORD_EPOCHS),
+                         logits=slice_models.probe_logits(result, test.images, test.labels),
+                         trajectory=workdir.trajectory(FLAGS.workdir, chunks,
+                                                       slices.TRAJECTORY_EPOCHS))
   print(f'slice written to {folder}')
 
 

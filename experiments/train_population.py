@@ -101,8 +101,13 @@ def _write_outputs(result, wall, ex, paths, num_chunks):
     modelset.export_kernels(paths['export_kernels'], result)
     logging.info('first-layer kernels written to %s', paths['export_kernels'])
   if FLAGS.export_slice:
-    folder = slices.export(FLAGS.export_slice, result, ex, wall, command,
-                           early=workdir.early_kernels(paths['workdir'], num_chunks))
+    from lps_jax import slice_models
+    test = data_lib.test_split(result.config['dataset'], FLAGS.data_dir, FLAGS.tfds_data_dir)
+    folder = slices.export(
+        FLAGS.export_slice, result, ex, wall, command,
+        early=workdir.early_kernels(paths['workdir'], num_chunks, slices.RECORD_EPOCHS),
+        logits=slice_models.probe_logits(result, test.images, test.labels),
+        trajectory=workdir.trajectory(paths['workdir'], num_chunks, slices.TRAJECTORY_EPOCHS))
     logging.info('slice recorded in %s (check and merge: python -m experiments.slices)', folder)
   if paths['summary']:
     with open(paths['summary'], 'w') as f:
@@ -150,7 +155,7 @@ def main(argv):
     result = pop_trainer.train(paths['workdir'],
                                progress=FLAGS.progress and distributed.is_primary(),
                                stop_after_epochs=FLAGS.stop_after_epochs,
-                               record_epochs=slices.RECORD_EPOCHS)
+                               record_epochs=slices.TRAJECTORY_EPOCHS)
   except workdir.TrainingStopped as e:
     logging.info('%s', e)
     return

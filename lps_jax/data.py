@@ -157,6 +157,16 @@ def load(dataset: str, data_dir: Optional[str] = None, tfds_data_dir: Optional[s
   return train, test
 
 
+def test_split(dataset: str, data_dir: Optional[str] = None,
+               tfds_data_dir: Optional[str] = None) -> Split:
+  """The whole CIFAR-100 test split (all 100 classes) from where `dataset` reads its images."""
+  if dataset in ('npz', 'npz_test_only'):
+    return load_npz_dir(data_dir, train=False)[1]
+  if dataset == 'tfds':
+    return load_tfds('test', tfds_data_dir)
+  raise DataError(f"unknown dataset {dataset!r}; choose 'tfds', 'npz' or 'npz_test_only'.")
+
+
 def task_classes(task_ids: Sequence[int]) -> list[int]:
   """The fine labels tasks use: 2r and 2r + 1 for each task r."""
   task_ids = [int(r) for r in task_ids]

@@ -65,7 +65,9 @@ def check(root: str, allow_gaps: bool = False) -> dict:
                   'conv_impl': s.record['execution']['conv_impl'],
                   'wall_seconds': s.record['wall_seconds'],
                   'heldout_accuracy_mean': s.record['heldout_accuracy_mean'],
-                  'versions': s.record['versions']} for s in slices]}
+                  'whole_bytes': (s.record.get('whole') or {}).get('bytes'),
+                  'versions': s.record['versions']} for s in slices],
+      'whole_tasks': sorted(t for s in slices if s.record.get('whole') for t in s.tasks)}
 
 
 def merge(root: str, path: str, stage1: bool = False, allow_gaps: bool = False) -> dict:
@@ -90,16 +92,29 @@ def merge(root: str, path: str, stage1: bool = False, allow_gaps: bool = False) 
   return manifest
 
 
+def _ranges(tasks: list) -> str:
+  out, start = [], tasks[0]
+  for prev, cur in zip(tasks, tasks[1:] + [None]):
+    if cur != prev + 1:
+      out.append(f'{start}' if start == prev else f'{start}-{prev}')
+      start = cur
+  return ', '.join(out)
+
+
 def manifest_markdown(manifest: dict) -> str:
   lines = ['# ModelSet500 slices', '',
            f'{len(manifest["tasks"])} of {NUM_TASKS} tasks, {manifest["num_models"]} models '
            f'({manifest["runs_per_task"]} runs per task). {manifest["rounding"].capitalize()}.',
-           '', '| slice | tasks | backend | device | conv | wall (s) | mean held-out acc | jax |',
-           '|---|---|---|---|---|---|---|---|']
+           '', '| slice | tasks | backend | device | conv | wall (s) | mean held-out acc | whole '
+           'models | jax |', '|---|---|---|---|---|---|---|---|---|']
   for s in manifest['slices']:
     lines.append(f'| {s["folder"]} | {s["tasks"][0]}-{s["tasks"][-1]} | {s["backend"]} | '
                  f'{s["cpu"] if s["backend"] == "cpu" else s["device_kind"]} | {s["conv_impl"]} '
                  f'| {s["wall_seconds"]:.0f} | {s["heldout_accuracy_mean"]:.3f} | '
-                 f'{s["versions"]["jax"]} |')
-  lines += ['', f'Missing tasks: {manifest["missing"] or "none"}.']
+                 + (f'{s["whole_bytes"] / 1e6:.1f} MB' if s.get('whole_bytes') else '-')
+                 + f' | {s["versions"]["jax"]} |')
+  whole = manifest.get('whole_tasks') or []
+  lines += ['', f'Tasks kept whole (every variable, probe logits, first-layer trajectory: '
+            f'`lps_jax.slice_models`): {_ranges(whole) if whole else "none"}.',
+            f'Missing tasks: {manifest["missing"] or "none"}.']
   return '\n'.join(lines) + '\n'

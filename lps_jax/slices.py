@@ -8,9 +8,11 @@ few tasks at a time, across sessions and machines. A finished slice is a small f
                layers 2-7) float16, 'dense/kernel' + 'dense/bias', 'early/conv1' (the first
                layer after `RECORD_EPOCHS` epochs, float32, when the trainer recorded it),
                task_id, run, seed, heldout_accuracy, config (JSON);
+  models.safetensors  (slices from task 12 on) every model whole, its logits on a fixed probe
+               batch and its first-layer training trajectory (`lps_jax.slice_models`);
   slice.json   the record: tasks, the PopulationConfig, how it ran (strategy, conv impl, step,
                devices, threads), backend and hardware, jax / jaxlib (and oneDNN) versions, wall
-               time, command, the sha256 of kernels.npz.
+               time, command, the sha256 of kernels.npz (and of models.safetensors).
 
 `lps_jax.manifest` checks the slices of a folder against each other and merges them. GPU
 slices share the recipe, not the rounding: a replay on a CPU reproduces CPU slices bit for bit
@@ -31,7 +33,9 @@ import numpy as np
 from lps_jax import modelset, resnet
 
 KERNELS, RECORD = 'kernels.npz', 'slice.json'
-RECORD_EPOCHS = 2          # the trainer keeps each model's first layer after this many epochs
+RECORD_EPOCHS = 2          # the replay check compares each model's first layer after this many epochs
+# The first-layer training trajectory each slice keeps (from task 12 on), epochs after which.
+TRAJECTORY_EPOCHS = (1, 2, 5, 10, 20, 40, 80, 120, 160)
 NUM_TASKS = 50             # CIFAR-100 has 50 two-class tasks (fine labels 2r, 2r+1)
 
 
@@ -116,9 +120,13 @@ def versions(conv_impl: str) -> dict:
 
 
 def export(root: str, result: modelset.ModelSet, execution, wall_seconds: float,
-           command: str, early: Optional[np.ndarray] = None) -> str:
+           command: str, early: Optional[np.ndarray] = None,
+           logits: Optional[np.ndarray] = None, trajectory: Optional[dict] = None) -> str:
   """Writes the slice of model set `result` (trained with ExecutionConfig `execution`) under
-  `root`; returns its folder. `early`: each model's conv1 after RECORD_EPOCHS epochs."""
+  `root`; returns its folder. `early`: each model's conv1 after RECORD_EPOCHS epochs. With
+  `trajectory` ({epoch: conv1 kernels}) and `logits` (on the probe batch), the models are kept
+  whole too (`lps_jax.slice_models`)."""
+  from lps_jax import slice_models
   from lps_jax.train_config import PopulationConfig
   config = PopulationConfig.from_json(result.config)
   tasks = sorted(set(result.task_id.tolist()))
@@ -137,13 +145,22 @@ def export(root: str, result: modelset.ModelSet, execution, wall_seconds: float,
                       heldout_accuracy=result.heldout_accuracy,
                       config=np.asarray(json.dumps(result.config)), **arrays)
   os.replace(tmp, os.path.join(folder, KERNELS))
+  digests = {KERNELS: _sha256(os.path.join(folder, KERNELS))}
+  whole = None
+  if trajectory is not None:
+    path = os.path.join(folder, slice_models.MODELS)
+    size = slice_models.write(path, result, logits, trajectory)
+    digests[slice_models.MODELS] = _sha256(path)
+    whole = {'file': slice_models.MODELS, 'bytes': size, 'format': slice_models.FORMAT,
+             'trajectory_epochs': sorted(int(e) for e in trajectory),
+             'probe_logits': None if logits is None else list(np.shape(logits)[1:])}
   record = {
       'tasks': tasks, 'num_models': len(result), 'config': result.config,
       'execution': dataclasses.asdict(execution), 'hardware': hardware(),
       'versions': versions(execution.conv_impl), 'wall_seconds': round(float(wall_seconds), 1),
       'command': command, 'record_epochs': RECORD_EPOCHS if early is not None else None,
       'heldout_accuracy_mean': float(np.mean(result.heldout_accuracy)),
-      'sha256': {KERNELS: _sha256(os.path.join(folder, KERNELS))}}
+      'whole': whole, 'sha256': digests}
   tmp = os.path.join(folder, f'.{RECORD}.tmp{os.getpid()}')
   with open(tmp, 'w') as f:
     json.dump(record, f, indent=1)
@@ -172,13 +189,18 @@ def read(folder: str) -> Slice:
   try:
     with open(rec_path) as f:
       record = json.load(f)
-    tasks, want = record['tasks'], record['sha256'][KERNELS]
+    tasks, _ = record['tasks'], record['sha256'][KERNELS]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise SliceError(f'slice {folder}: {RECORD} is unreadable ({type(e).__name__}: {e}); '
                      're-export the slice.') from e
-  if _sha256(npz_path) != want:
-    raise SliceError(f'slice {folder}: {KERNELS} does not match the digest in {RECORD} '
-                     '(changed or truncated since export); re-export or retrain the slice.')
+  for name, digest in record['sha256'].items():
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise SliceError(f'slice {folder}: {name} is missing; re-export it from its workdir '
+                       '(python -m experiments.slices --action=export) or retrain the slice.')
+    if _sha256(path) != digest:
+      raise SliceError(f'slice {folder}: {name} does not match the digest in {RECORD} '
+                       '(changed or truncated since export); re-export or retrain the slice.')
   try:
     with np.load(npz_path) as f:
       arrays = {k: np.asarray(f[k]) for k in f.files}
@@ -223,15 +245,17 @@ def replay_check(folder: str, data_dir: Optional[str], model: Optional[tuple] = 
   if not rows.size:
     raise SliceError(f'slice {folder} holds no model of task {task} run {run}.')
   early = s.record.get('record_epochs') if 'early/conv1' in s.arrays else None
+  recorded = {config.train.epochs: s.arrays['kernel/conv1']}
+  if early:
+    recorded[early] = s.arrays['early/conv1']
+  if (s.record.get('whole') or {}).get('trajectory_epochs'):
+    from lps_jax import slice_models
+    recorded.update(slice_models.read(os.path.join(folder, slice_models.MODELS)).trajectory)
   epochs = epochs or early or config.train.epochs
-  if epochs == config.train.epochs:
-    want = s.arrays['kernel/conv1'][rows[0]]
-  elif epochs == early:
-    want = s.arrays['early/conv1'][rows[0]]
-  else:
-    recorded = [e for e in (early, config.train.epochs) if e]
-    raise SliceError(f'slice {folder} records the first layer after epochs {recorded}; '
+  if epochs not in recorded:
+    raise SliceError(f'slice {folder} records the first layer after epochs {sorted(recorded)}; '
                      f'replay one of those, not {epochs}.')
+  want = recorded[epochs][rows[0]]
   ex = execution_of(s.record)
   ex = dc.replace(ex, models_per_chunk=1, num_devices=min(ex.num_devices, jax.device_count()))
   one = dc.replace(config, task_ids=(task,))

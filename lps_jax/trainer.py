@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -131,14 +131,14 @@ class PopulationTrainer:
   def train(self, path: str, progress: bool = True,
             on_epoch_end: Optional[Callable[[int, int], None]] = None,
             stop_after_epochs: Optional[int] = None,
-            record_epochs: Optional[int] = None) -> modelset.ModelSet:
+            record_epochs: Sequence[int] = ()) -> modelset.ModelSet:
     """Trains every chunk not yet finished in work directory `path`; returns the model set.
 
     `on_epoch_end(chunk_index, epochs_done)` is called after each epoch (and its checkpoint).
     `stop_after_epochs=N`: after N epochs trained in this call, checkpoint and raise
     `TrainingStopped` (for job time limits; a rerun resumes there, on any device count).
-    `record_epochs=E`: keep each model's first-layer kernel after epoch E in the workdir
-    (`workdir.early_kernels`; the slices' replay check).
+    `record_epochs=(E, ...)`: keep each model's first-layer kernel after each epoch E in the
+    workdir (`workdir.early_kernels`: the slices' training trajectory and replay check).
     With several processes every process calls this; only process 0 writes model sets.
     """
     # The writing process holds the workdir's lock for the whole run, before it cleans up.
@@ -237,7 +237,7 @@ class PopulationTrainer:
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], self.population.gather(state))
 
   def _train_chunk(self, chunk: Chunk, ckpt: str, bar, models_done: int, on_epoch_end,
-                   budget: dict, path: str, record_epochs: Optional[int]) -> modelset.ModelSet:
+                   budget: dict, path: str, record_epochs: Sequence[int]) -> modelset.ModelSet:
     pop = self.population
     tasks, runs, host_keys, (keys, tr_idx, tr_lab, ev_idx, ev_lab) = self.chunk_inputs(chunk)
     workdir.check_chunk_plan(ckpt, chunk.index, self.chunk_size, chunk.rows.tolist())
@@ -269,10 +269,10 @@ class PopulationTrainer:
       if budget['left'] is not None:
         budget['left'] -= 1
       stop = budget['left'] is not None and budget['left'] <= 0
-      if done == record_epochs:   # gathering is collective: every process, one writes
+      if done in record_epochs:   # gathering is collective: every process, one writes
         early = np.asarray(pop.gather(state)['params']['conv1']['kernel'])[:chunk.n_real]
         if distributed.is_primary():
-          workdir.save_early_kernels(path, chunk.index, early)
+          workdir.save_early_kernels(path, chunk.index, early, done)
       if done < epochs and (done % self.execution.checkpoint_every == 0 or stop):
         mngr.save(done, args=ocp.args.StandardSave(pop.gather(state)))
         mngr.wait_until_finished()

@@ -5,7 +5,7 @@
   chunks/chunk_NNNNN/       finished chunks, each a model set (lps_jax.modelset)
   ckpt/chunk_NNNNN/         the chunk in progress: chunk.json (its plan) + orbax checkpoints
   modelset/                 the final model set, once every chunk is done
-  early/chunk_NNNNN.npy     each model's first-layer kernel after `record_epochs` epochs
+  early/chunk_NNNNN_eEEEE.npy  each model's first-layer kernel after epoch EEEE (`record_epochs`)
 
 Every write is atomic (temporary name + rename), so a process killed at any moment leaves the
 last complete checkpoint and every finished chunk readable.
@@ -79,24 +79,34 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def save_early_kernels(workdir: str, index: int, kernels) -> None:
-  """Keeps a chunk's first-layer kernels at the record epoch (atomic)."""
+def _early_path(workdir: str, index: int, epoch: int) -> str:
+  return os.path.join(workdir, 'early', f'chunk_{index:05d}_e{epoch:04d}.npy')
+
+
+def save_early_kernels(workdir: str, index: int, kernels, epoch: int) -> None:
+  """Keeps a chunk's first-layer kernels after `epoch` epochs (atomic)."""
   import numpy as np
   folder = os.path.join(workdir, 'early')
   os.makedirs(folder, exist_ok=True)
   tmp = os.path.join(folder, f'.chunk_{index:05d}.tmp{os.getpid()}.npy')
   np.save(tmp, kernels)
-  os.replace(tmp, os.path.join(folder, f'chunk_{index:05d}.npy'))
+  os.replace(tmp, _early_path(workdir, index, epoch))
 
 
-def early_kernels(workdir: str, num_chunks: int):
-  """The recorded early first-layer kernels of all chunks in model order, or None if a chunk
-  has none (trained before the trainer recorded them, or resumed past the record epoch)."""
+def early_kernels(workdir: str, num_chunks: int, epoch: int):
+  """The first-layer kernels of all chunks after `epoch` epochs, in model order, or None if a
+  chunk has none (trained before the trainer recorded them, or resumed past that epoch)."""
   import numpy as np
-  paths = [os.path.join(workdir, 'early', f'chunk_{i:05d}.npy') for i in range(num_chunks)]
+  paths = [_early_path(workdir, i, epoch) for i in range(num_chunks)]
   if not all(os.path.isfile(p) for p in paths):
     return None
   return np.concatenate([np.load(p) for p in paths])
+
+
+def trajectory(workdir: str, num_chunks: int, epochs) -> dict:
+  """{epoch: kernels of all models} for each of `epochs` that every chunk recorded."""
+  found = {e: early_kernels(workdir, num_chunks, e) for e in epochs}
+  return {e: k for e, k in found.items() if k is not None}
 
 
 def log_timing(workdir: str, wall_seconds: float, execution, argv) -> float:

@@ -7,16 +7,25 @@ import shutil
 import numpy as np
 import pytest
 
-from lps_jax import data, manifest, modelset, resnet, slices, trainer, workdir
+from lps_jax import (data, manifest, modelset, permutations, resnet, slice_models, slices,
+                     trainer, workdir)
 from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
 
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
 EX = ExecutionConfig(models_per_chunk=2)          # the CPU default: loop, split, 2 devices
 
 
+TRAJECTORY = (2, 3)        # the tiny recipe's trajectory: epoch 1 stays unrecorded
+
+
 @pytest.fixture(scope='module')
 def splits(data_dir):
   return data.load('npz', data_dir, classes=data.task_classes(range(3)))
+
+
+@pytest.fixture(scope='module')
+def test_split(data_dir):
+  return data.test_split('npz', data_dir)
 
 
 def _config(tasks):
@@ -25,22 +34,26 @@ def _config(tasks):
                                                        lr_boundaries=(2,)))
 
 
-def _train_slice(tasks, splits, tmp, root):
+def _train_slice(tasks, splits, tmp, root, test_split=None):
   tr = trainer.PopulationTrainer(_config(tasks), EX, *splits)
   wd = str(tmp / f'wd_{slices.slice_name(tasks)}')
-  result = tr.train(wd, progress=False, record_epochs=slices.RECORD_EPOCHS)
-  ex = tr.execution
+  result = tr.train(wd, progress=False, record_epochs=TRAJECTORY)
+  ex, chunks = tr.execution, len(tr.chunks())
+  whole = {} if test_split is None else dict(
+      logits=slice_models.probe_logits(result, test_split.images, test_split.labels),
+      trajectory=workdir.trajectory(wd, chunks, TRAJECTORY))
   return slices.export(str(root), result, ex, 1.0, 'test',
-                       early=workdir.early_kernels(wd, len(tr.chunks())))
+                       early=workdir.early_kernels(wd, chunks, slices.RECORD_EPOCHS), **whole)
 
 
 @pytest.fixture(scope='module')
-def sliced(splits, tmp_path_factory):
-  """Tasks 0-2 as two slices (0-1 and 2) and as one run."""
+def sliced(splits, test_split, tmp_path_factory):
+  """Tasks 0-2 as two slices (0-1 first-layer only, as the slices before task 12; 2 whole)
+  and as one run."""
   tmp = tmp_path_factory.mktemp('slices')
   root = tmp / 'root'
   _train_slice((0, 1), splits, tmp, root)     # pathlib paths: the tests copy and edit slices
-  _train_slice((2,), splits, tmp, root)
+  _train_slice((2,), splits, tmp, root, test_split)
   whole = trainer.PopulationTrainer(_config((0, 1, 2)), EX, *splits).train(
       str(tmp / 'whole'), progress=False)
   return root, whole, tmp
@@ -77,6 +90,7 @@ def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
   assert ('onednn' in record['versions']) == conv.startswith('onednn')
   text = manifest.manifest_markdown(m)
   assert 'tasks_00-01' in text and '3 of 50 tasks' in text
+  assert m['whole_tasks'] == [2] and 'trajectory: `lps_jax.slice_models`): 2.' in text
 
 
 def _relabel(src, dst, task=None, seed=None):
@@ -136,5 +150,64 @@ def test_replay_reproduces_a_recorded_model(sliced, data_dir):
   assert final['equal'], final
   with pytest.raises(slices.SliceError, match='records the first layer after epochs'):
     slices.replay_check(folder, data_dir, (0, 0), epochs=1)
+  whole = os.path.join(root, 'tasks_02-02')     # any trajectory epoch replays
+  assert slices.replay_check(whole, data_dir, (2, 1), epochs=3)['equal']
+  with pytest.raises(slices.SliceError, match=r'after epochs \[2, 3\]; replay one'):
+    slices.replay_check(whole, data_dir, (2, 1), epochs=1)
   with pytest.raises(slices.SliceError, match='no model of task 5'):
     slices.replay_check(folder, data_dir, (5, 0))
+
+
+def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sliced, test_split):
+  """A whole slice reads back as the run that trained it: conv1 exact, every other variable
+  float16-rounded, the trajectory's last epoch equal to the final first layer, the logits
+  equal to the functional reference of the float32 models; safetensors, readable anywhere."""
+  from safetensors.numpy import load_file
+  root, whole_run, _ = sliced
+  got = slice_models.load_whole(str(root))
+  want = whole_run.select(np.flatnonzero(whole_run.task_id == 2))
+  np.testing.assert_array_equal(got.models.task_id, want.task_id)
+  np.testing.assert_array_equal(got.models.run, want.run)
+  np.testing.assert_array_equal(got.models.params['conv1']['kernel'], want.params['conv1']['kernel'])
+  for section in ('params', 'batch_stats'):
+    mine = permutations.flatten(getattr(got.models, section))
+    theirs = permutations.flatten(getattr(want, section))
+    assert sorted(mine) == sorted(theirs)
+    for path, a in theirs.items():
+      if path != 'conv1/kernel':
+        np.testing.assert_array_equal(mine[path], np.asarray(a, np.float16).astype(np.float32))
+  assert sorted(got.trajectory) == list(TRAJECTORY)
+  np.testing.assert_array_equal(got.trajectory[3], want.params['conv1']['kernel'])
+  np.testing.assert_array_equal(
+      got.logits, slice_models.probe_logits(want, test_split.images, test_split.labels))
+  assert got.logits.shape == (2, 200, 2)
+  raw = load_file(str(root / 'tasks_02-02' / slice_models.MODELS))   # plain safetensors
+  assert raw['params/conv1/kernel'].dtype == np.float32
+  assert raw['params/dense/kernel'].dtype == np.float16 and raw['batch_stats/bn1/mean'].shape[0] == 2
+  record = json.load(open(root / 'tasks_02-02' / 'slice.json'))
+  assert record['whole']['bytes'] == os.path.getsize(root / 'tasks_02-02' / slice_models.MODELS)
+  assert json.load(open(root / 'tasks_00-01' / 'slice.json'))['whole'] is None
+  with pytest.raises(modelset.ModelSetError, match=r'tasks \[0\] have no whole models'):
+    slice_models.load_whole(str(root), tasks=[0, 2])
+
+
+def test_whole_network_methods_run_on_a_folder_of_slices(sliced, tmp_path):
+  """lps_main's loading reads a slices folder as its whole models: the functional reference
+  from the stored logits (no images), weight-space methods from every variable."""
+  from experiments import lps_modes
+  from lps_jax import methods
+  from lps_jax.second_order_fit import SecondOrderConfig
+  root, _, _ = sliced
+  table = lps_modes.MODES['classification']
+  never = lambda: pytest.fail('the stored logits make images unnecessary')
+  stack, task_id, _, _ = lps_modes.load(table, str(root), SecondOrderConfig(),
+                                        ['functional', 'wn_probe_unaligned'], None, never)
+  assert task_id.tolist() == [2, 2] and stack.get(methods.PROBE_OUTPUTS).shape == (2, 400)
+  kernels, task_id, _, _ = lps_modes.load(table, str(root), SecondOrderConfig(), ['lps'], None)
+  assert kernels[0].shape == (2, 3, 3, 3, 4) and task_id.tolist() == [2, 2]
+  bad = tmp_path / 'bad'
+  shutil.copytree(root, bad)
+  blob = bad / 'tasks_02-02' / slice_models.MODELS
+  blob.write_bytes(blob.read_bytes()[:-10])
+  with pytest.raises(slices.SliceError, match='models.safetensors does not match the digest'):
+    slice_models.load_whole(str(bad))
