@@ -71,6 +71,9 @@ def write(path: str, result: modelset.ModelSet, logits: Optional[np.ndarray],
   tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                      f'.{os.path.basename(path)}.tmp{os.getpid()}')
   save_file(tensors, tmp, metadata=meta)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)      # safetensors creates it private
   os.replace(tmp, path)
   return os.path.getsize(path)
 
