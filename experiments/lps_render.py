@@ -38,6 +38,10 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
            'cross': (f'Different networks: the tasks of `{res.get("other_modelset")}` named by '
                      f'methods fitted on every model of `{res["modelset"]}`')}[mode]
   title += res.get('title_suffix', '')
+  n = res.get('num_tasks')
+  if mode == 'classification' and n and n != 50:
+    title += (f' ({n}-way, chance {100 / n:.1f} %; the paper\'s numbers are 50-way, chance '
+              '2 %)')
   lines = _header(title, res['command'], ['method'] + [f'{k} (%)' for k in keys]
                   + ['paper ' + '/'.join(keys[:3])])
   cites = []
