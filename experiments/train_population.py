@@ -92,7 +92,7 @@ def _paths(config) -> dict:
           for k in ('workdir', 'export_kernels', 'summary')}
 
 
-def _write_outputs(result, wall, ex, paths, num_chunks):
+def _write_outputs(result, wall, ex, paths, num_chunks, test):
   import jax
   from lps_jax import modelset, workdir
   command = 'python -m experiments.train_population ' + ' '.join(sys.argv[1:])
@@ -102,7 +102,6 @@ def _write_outputs(result, wall, ex, paths, num_chunks):
     logging.info('first-layer kernels written to %s', paths['export_kernels'])
   if FLAGS.export_slice:
     from lps_jax import slice_models
-    test = data_lib.test_split(result.config['dataset'], FLAGS.data_dir, FLAGS.tfds_data_dir)
     folder = slices.export(
         FLAGS.export_slice, result, ex, wall, command,
         early=workdir.early_kernels(paths['workdir'], num_chunks, slices.RECORD_EPOCHS),
@@ -138,6 +137,11 @@ def main(argv):
     paths = _paths(config)
     train_split, eval_split = data_lib.load(config.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir,
                                             classes=data_lib.task_classes(config.task_ids))
+    test = None
+    if FLAGS.export_slice:   # the whole models' probe batch: checked before any training
+      from lps_jax import slice_models
+      test = data_lib.test_split(config.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir)
+      slice_models.check_probe(test.labels)
     execution = flagdefs.build(train_config.ExecutionConfig, FLAGS)
     pop_trainer = trainer.PopulationTrainer(config, execution, train_split, eval_split)
   except (data_lib.DataError, ValueError, OneDNNUnavailable) as e:
@@ -167,7 +171,7 @@ def main(argv):
   logging.info('done in %.0f s (this invocation): %d models, mean held-out accuracy %.3f; '
                'model set in %s', wall, len(result), float(result.heldout_accuracy.mean()),
                workdir.modelset_dir(paths['workdir']))
-  _write_outputs(result, wall, ex, paths, len(pop_trainer.chunks()))
+  _write_outputs(result, wall, ex, paths, len(pop_trainer.chunks()), test)
 
 
 if __name__ == '__main__':

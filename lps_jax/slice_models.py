@@ -32,6 +32,7 @@ MODELS = 'models.safetensors'
 FORMAT = 'lps-jax/modelset-whole/1'
 EXACT = ('params/conv1/kernel',)     # kept float32: the first layer every LPS method reads
 LOGITS = 'probe/logits'
+PROBE_PER_CLASS = 2                  # as the functional reference (whole_network.probe_images)
 TRAJECTORY = 'trajectory/conv1/epoch_'
 LAYOUT = ('model axis first; Flax variable paths; conv kernels HWIO (h, w, c_in, c_out), '
           'FC kernel (in, out); float16 except params/conv1/kernel (float32)')
@@ -108,11 +109,26 @@ def read(path: str) -> WholeModels:
   return WholeModels(ms, None if logits is None else np.asarray(logits), trajectory)
 
 
+def check_probe(test_labels: np.ndarray) -> None:
+  """DataError unless the test split holds every class the probe batch draws from (a staged
+  folder must carry the probe images: `lps_jax.stage`)."""
+  from lps_jax import data
+  counts = np.bincount(np.asarray(test_labels), minlength=data.NUM_CLASSES)
+  short = np.flatnonzero(counts < PROBE_PER_CLASS).tolist()
+  if short:
+    raise data.DataError(
+        f'the whole-model probe batch needs {PROBE_PER_CLASS} test-split images of each of the '
+        f'{data.NUM_CLASSES} classes; classes {short[:5]} have fewer: point --data_dir at the '
+        'full CIFAR-100 folder, or stage the slice with python -m experiments.slices '
+        '--action=stage (its parts carry the probe images).')
+
+
 def probe_logits(result: modelset.ModelSet, test_images: np.ndarray,
                  test_labels: np.ndarray) -> np.ndarray:
   """(M, N, classes) float32: each model's logits on the probe batch of the test split."""
   from lps_jax import whole_network
-  probe = whole_network.probe_images(test_images, test_labels)
+  check_probe(test_labels)
+  probe = whole_network.probe_images(test_images, test_labels, PROBE_PER_CLASS)
   flat = whole_network.probe_logits(modelset.network_stack(result), probe)
   return flat.reshape(len(result), len(probe), -1).astype(np.float32)
 

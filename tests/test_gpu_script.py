@@ -1,12 +1,13 @@
 """The GPU slices script, dry-run on the CPU: staged parts hold whole tasks with the full
 folder's rows, and one call benchmarks, trains a (tiny) slice and packs it for the manifest."""
+import json
 import os
 import subprocess
 import tarfile
 
 import numpy as np
 
-from lps_jax import data, manifest, stage
+from lps_jax import data, manifest, stage, whole_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--runs_per_task=2', '--epochs=2', '--lr_boundaries=1', '--widths=4,8,8',
@@ -27,10 +28,14 @@ def test_staged_parts_hold_the_full_folders_tasks(data_dir, tmp_path):
   np.testing.assert_array_equal(part_test.images[part.eval_idx[0]],
                                 full_test.images[full.eval_idx[0]])
   np.testing.assert_array_equal(part.train_labels, full.train_labels)
+  whole_test = data.load_npz_dir(data_dir, train=False)[1]        # every part carries the
+  part_whole = data.load_npz_dir(str(tmp_path / 'part_1'), train=False)[1]   # probe batch
+  np.testing.assert_array_equal(whole_network.probe_images(part_whole.images, part_whole.labels),
+                                whole_network.probe_images(whole_test.images, whole_test.labels))
 
 
 def test_gpu_script_dry_run_on_cpu(data_dir, tmp_path):
-  stage.stage(data_dir, [0, 1], str(tmp_path / 'stage'), part_mib=4)    # one task per part
+  stage.stage(data_dir, [0, 1], str(tmp_path / 'stage'), part_mib=5)    # one task per part
   env = dict(os.environ, OUT=str(tmp_path / 'out'), WORK=str(tmp_path / 'work'), BENCH='1',
              BENCH_CONFIGS='default', BENCH_STEPS='1', BENCH_FLAGS='--batch_size=8')
   r = subprocess.run(['bash', 'experiments/scripts/gpu_slices.sh', str(tmp_path / 'stage/part_1'),
@@ -42,3 +47,5 @@ def test_gpu_script_dry_run_on_cpu(data_dir, tmp_path):
     tar.extractall(tmp_path / 'back')
   m = manifest.check(str(tmp_path / 'back'), allow_gaps=True)
   assert m['tasks'] == [1] and m['num_models'] == 2 and m['recipe']['train']['epochs'] == 2
+  record = json.load(open(tmp_path / 'back' / 'tasks_01-01' / 'slice.json'))
+  assert record['whole']['probe_logits'] == [200, 2]       # the full probe, from a staged part

@@ -189,6 +189,8 @@ def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sl
   assert json.load(open(root / 'tasks_00-01' / 'slice.json'))['whole'] is None
   with pytest.raises(modelset.ModelSetError, match=r'tasks \[0\] have no whole models'):
     slice_models.load_whole(str(root), tasks=[0, 2])
+  with pytest.raises(data.DataError, match=r'classes \[2, 3, 4, 5, 6\] have fewer'):
+    slice_models.check_probe(np.repeat([0, 1], 2))     # a folder of one task's classes
 
 
 def test_whole_network_methods_run_on_a_folder_of_slices(sliced, tmp_path):
