@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lps_jax import data, trainer, train_config, train_step
+from lps_jax.training import data, trainer
+from lps_jax.training import config as train_config
+from lps_jax.training import step as train_step
+from lps_jax.common.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +49,7 @@ def config_spec(spec: str) -> train_config.ExecutionConfig:
     return train_config.ExecutionConfig()
   parts = spec.split('/')
   if len(parts) not in (3, 4) or not parts[2].isdigit():
-    raise ValueError(f'config {spec!r}: use default or strategy/conv/devices[/step].')
+    raise UserError(f'config {spec!r}: use default or strategy/conv/devices[/step].')
   step = parts[3] if len(parts) == 4 else 'auto'
   return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2]))
 
@@ -150,7 +153,7 @@ def _step_memory(tr, single, host_state):
   sizes = [_memory(first)]
   if len(jitted) == 2:  # split: the backward takes the forward's outputs.
     vjp, batch_stats, _ = jitted[0](*args)
-    with warnings.catch_warnings():  # The residuals are donated on purpose (lps_jax.trainer).
+    with warnings.catch_warnings():  # The residuals are donated on purpose (lps_jax.training.trainer).
       warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
       sizes.append(_memory(jitted[1].lower(args[0], vjp, batch_stats).compile()))
   sizes = [s for s in sizes if s is not None]
@@ -223,7 +226,7 @@ def xla_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) ->
 def onednn_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) -> dict:
   """The three passes through lps-jax's oneDNN custom calls (jitted, all cores per call),
   each checked equal to XLA's first."""
-  from lps_jax.onednn import conv as onednn_conv
+  from lps_jax.training.onednn import conv as onednn_conv
   threads = len(os.sched_getaffinity(0))
   dn = ('NHWC', 'HWIO', 'NHWC')
   ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn)
@@ -247,7 +250,7 @@ def onednn_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5)
 
 
 def onednn_available() -> bool:
-  from lps_jax.onednn import build
+  from lps_jax.training.onednn import build
   try:
     build.library_path()
     return True
@@ -267,7 +270,7 @@ def step_breakdown(conv_impl: str, batch: int, threads: int, repeats: int = 5) -
   every conv pass of the step (count-weighted; no input gradient for the stem), one dispatch of
   a program over the state; `rest` = step - data - optimizer - convs (batch norm, elementwise,
   pooling, loss, what XLA adds between ops)."""
-  from lps_jax import resnet
+  from lps_jax.training import resnet
   cfg = train_config.TrainConfig(batch_size=batch)
   tx = train_step.make_optimizer(cfg, 8)
   model = resnet.ResNet(conv_impl=conv_impl, conv_threads=threads)
@@ -301,7 +304,7 @@ def step_breakdown(conv_impl: str, batch: int, threads: int, repeats: int = 5) -
 
 def _conv_step_ms(conv_impl, threads, side, cin, cout, k, stride, batch, input_grad, repeats):
   """Forward + kernel gradient (+ input gradient) of one conv, in milliseconds."""
-  from lps_jax import resnet
+  from lps_jax.training import resnet
   conv = resnet.Conv(cout, k, stride, conv_impl, threads)
   x = jax.random.normal(jax.random.PRNGKey(1), (batch, side, side, cin))
   variables = conv.init(jax.random.PRNGKey(2), x)

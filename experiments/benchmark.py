@@ -29,7 +29,6 @@ Suites (figures printed as markdown tables and written to --out as JSON):
            at 1x, 2x and 4x the chunk size: bounded by the chunk, not the population.
 Training suites read CIFAR-100 from the offline folder (--data_dir, default $LPS_DATA_DIR).
 """
-import json
 import os
 import subprocess
 import sys
@@ -38,10 +37,14 @@ import time
 from absl import flags
 
 from experiments import bench_kernels, bench_lib, flagdefs
-from lps_jax import align, resnet, slices
-from lps_jax.config_checks import Range
-from lps_jax import data as data_lib
-from lps_jax import train_config
+from lps_jax.common import files
+
+from lps_jax import align
+from lps_jax.training import resnet
+from lps_jax.zoo import slice_folder as slices
+from lps_jax.common.checks import Range
+from lps_jax.training import data as data_lib
+from lps_jax.training import config as train_config
 
 SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'breakdown', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
@@ -175,7 +178,7 @@ _TRAIN_COLS = [
 
 
 def _task_ids():
-  from lps_jax import slices
+  from lps_jax.zoo import slice_folder as slices
   return slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids else None
 
 
@@ -312,10 +315,7 @@ def main(argv):
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
              'cpu_count': os.cpu_count(), 'argv': sys.argv[1:]}
   def save():  # After every suite, so a later failure never loses finished figures.
-    tmp = FLAGS.out + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(tmp, FLAGS.out)
+    files.write_json(FLAGS.out, results)
 
   results['matmul'] = matmul_suite()
   peak = results['matmul']['gflops']

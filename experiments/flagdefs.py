@@ -6,7 +6,7 @@ parsed back to the field's element type. Nested dataclass fields are skipped (de
 their own class).
 
 Every flag is checked when the command line is parsed, before any import of jax or compile:
-the fields' rules (`lps_jax.config_checks`) become absl validators, and the apps declare the
+the fields' rules (`lps_jax.common.checks`) become absl validators, and the apps declare the
 rest of their flags' rules with `check`, `names`, `parsed`, `input_path` and `output_path`.
 `run(main)` starts an app so that any flag error is one line on stderr (`error: flag --x=...:
 ...`) and exit code 2, never a traceback.
@@ -21,7 +21,8 @@ from typing import Callable, Collection, Optional
 
 from absl import app, flags
 
-from lps_jax import config_checks
+from lps_jax.common import checks as config_checks
+from lps_jax.common.errors import UserError
 
 _SCALARS = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
             bool: flags.DEFINE_bool}
@@ -170,7 +171,7 @@ def host_port(value: str) -> None:
   """Raises ValueError unless `value` is host:port with a port in 1-65535."""
   host, _, port = value.rpartition(':')
   if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-    raise ValueError('must be host:port, e.g. 10.0.0.1:1234.')
+    raise UserError('must be host:port, e.g. 10.0.0.1:1234.')
 
 
 def _parse_flags(argv):

@@ -11,7 +11,7 @@ is tied to the run's configuration (a different configuration is refused, never 
 Trained second-order networks and transfer features go to a content-addressed --cache_dir, so a
 rerun, or another experiment needing the same network, reuses them. --replot redraws the
 table / figure of a finished run from its results.json. The second-order recipe flags come from
-`lps_jax.second_order_fit.SecondOrderConfig` (defaults = the paper's).
+`lps_jax.align.fit.SecondOrderConfig` (defaults = the paper's).
 """
 import dataclasses
 import os
@@ -21,8 +21,10 @@ import time
 from absl import flags
 
 from experiments import flagdefs, lps_modes, lps_render
-from lps_jax import methods, second_order_fit
-from lps_jax.config_checks import Range
+from lps_jax.methods import registry as methods
+from lps_jax.align import fit as second_order_fit
+from lps_jax.common.checks import Range
+from lps_jax.common.errors import UserError
 
 flags.DEFINE_enum('mode', 'classification', list(lps_modes.MODES),
                   ' '.join(f'{m.name}: {m.help}' for m in lps_modes.MODES.values()))
@@ -103,7 +105,7 @@ def _progress(bar):
 
 
 def replot():
-  from lps_jax import results
+  from lps_jax.evaluation import results
   if not FLAGS.results_dir:
     sys.exit('error: --replot needs --results_dir.')
   try:
@@ -119,7 +121,7 @@ def replot():
 def main(argv):
   del argv
   import numpy as np
-  from lps_jax import data, results
+  from lps_jax.evaluation import results
 
   if FLAGS.replot:
     return replot()
@@ -137,12 +139,12 @@ def main(argv):
     other = None
     if mode.name == 'cross':
       if not FLAGS.other_modelset:
-        raise ValueError('cross mode needs --other_modelset (the other architecture\'s models).')
+        raise UserError('cross mode needs --other_modelset (the other architecture\'s models).')
       other = lps_modes.load(mode, FLAGS.other_modelset, config, readers, None, images, cache)[:2]
     compare = None
     if FLAGS.compare_modelset:
       if not mode.takes_methods:
-        raise ValueError(f'--compare_modelset is for the tables; {mode.name} mode takes one '
+        raise UserError(f'--compare_modelset is for the tables; {mode.name} mode takes one '
                          'model set.')
       other = lps_modes.load(mode, FLAGS.compare_modelset, config, FLAGS.methods, None, images,
                              cache)
@@ -153,7 +155,7 @@ def main(argv):
       run_config = {k: FLAGS[k].value for k in RUN_FLAGS}
       out_dir = results.ResultsDir(FLAGS.results_dir, dict(run_config,
                                                            **dataclasses.asdict(config)))
-  except (ValueError, results.ResultsError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
 
   ctx = lps_modes.Context(
@@ -170,7 +172,7 @@ def main(argv):
     summary = mode.run(ctx)
     if compare:
       other_summary = mode.run(dataclasses.replace(ctx, kernels=compare[0], task_id=compare[1]))
-  except (ValueError, FloatingPointError, data.DataError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
   bar.close()
   num_tasks = int(np.unique(task_id).size)

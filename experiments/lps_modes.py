@@ -13,8 +13,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from experiments import lps_render
-from lps_jax import data, methods, modelset, protocols, resnet, slice_models
-from lps_jax.second_order_fit import SecondOrderConfig
+from lps_jax.training import data
+from lps_jax.methods import registry as methods
+from lps_jax.training import modelset
+from lps_jax.evaluation import protocols
+from lps_jax.training import resnet
+from lps_jax.zoo import whole_models as slice_models
+from lps_jax.align.fit import SecondOrderConfig
+from lps_jax.common.errors import UserError
 
 
 @dataclasses.dataclass
@@ -220,7 +226,7 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
   branches = branches or list(range(mode.first_branch, len(names) + 1))
   bad = [b for b in branches if not mode.first_branch <= b <= len(names)]
   if bad:
-    raise ValueError(f'--branches {bad} out of range: {mode.name} mode takes branches '
+    raise UserError(f'--branches {bad} out of range: {mode.name} mode takes branches '
                      f'{mode.first_branch}..{len(names)} of this model set (1-based, one per '
                      'conv layer).')
   kernels = stack if stack is not None else modelset.layer_kernels(ms, max(branches))[0]
@@ -229,7 +235,7 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
 
 def _branches_from_file(path: str, branches: Optional[list[int]]):
   """Branches mode on a kernels file that holds deeper layers (a slice's stage-1 kernels,
-  lps_jax.slices): the branches it holds (default all of them), or what to pass instead."""
+  lps_jax.zoo.slice_folder): the branches it holds (default all of them), or what to pass instead."""
   kernels, task_id, names, _ = modelset.load_kernels(path, len(resnet.conv_layer_names()))
   held = [i + 1 for i, k in enumerate(kernels) if k is not None]
   branches = branches or held
@@ -243,7 +249,8 @@ def _branches_from_file(path: str, branches: Optional[list[int]]):
 def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None) -> np.ndarray:
   """The functional reference's features: every model's logits on 2 test-split images per
   class (`whole_network.probe_logits`), kept in `cache`."""
-  from lps_jax import results, whole_network
+  from lps_jax.evaluation import results
+  from lps_jax.methods import whole_network
   split = images()
   probe = whole_network.probe_images(split.images, split.labels)
   def compute():

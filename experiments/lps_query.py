@@ -16,16 +16,22 @@ import sys
 
 from absl import flags
 
+from lps_jax.common.errors import UserError
 from experiments import flagdefs
-from lps_jax import checkpoints, index, locks, methods, modelset, second_order_fit
-from lps_jax.config_checks import Range
+from lps_jax.zoo import foreign_checkpoints as checkpoints
+from lps_jax.query import index
+from lps_jax.common import locks
+from lps_jax.methods import registry as methods
+from lps_jax.training import modelset
+from lps_jax.align import fit as second_order_fit
+from lps_jax.common.checks import Range
 
 flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset first.')
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz',
                     'Model set to index: a kernels .npz or a model set folder.')
 flags.DEFINE_string('index', 'runs/lps_index', 'The index folder.')
 flags.DEFINE_enum('method', 'lps', index.method_names(),
-                  'Method of the index (lps_jax/methods.py): a second-order network, or a kernel '
+                  'Method of the index (lps_jax/methods/registry.py): a second-order network, or a kernel '
                   'probe; gram and weight_stats read models of any width.')
 flagdefs.define(second_order_fit.SecondOrderConfig, skip=('method', 'split_seed'))
 flags.DEFINE_list('layers', None, 'Names of the conv kernels in the checkpoints, in network '
@@ -83,7 +89,7 @@ def main(argv):
   paths = argv[1:]
   try:
     idx = build_index() if FLAGS.build else index.load(FLAGS.index)
-  except (index.QueryError, modelset.ModelSetError, ValueError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
   if not paths:
     if not FLAGS.build:
@@ -94,7 +100,7 @@ def main(argv):
   for p in paths:   # A bad checkpoint does not cost the answers for the others.
     try:
       out.append(answer(idx, p))
-    except (checkpoints.CheckpointError, index.QueryError, ValueError) as e:
+    except UserError as e:
       errors.append(str(e))
   if out and FLAGS.format == 'json':
     print(json.dumps(out if len(paths) > 1 else out[0], indent=1))

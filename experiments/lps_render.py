@@ -1,5 +1,5 @@
 """How lps_main's results render: Tables 1-2 (and the cross-architecture table) as markdown
-with the paper's numbers beside, Figs. 3a-c as markdown and PNGs (`lps_jax.plots`). Each
+with the paper's numbers beside, Figs. 3a-c as markdown and PNGs (`lps_jax.evaluation.plots`). Each
 function takes a finished run's results.json, so --replot needs nothing else."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from lps_jax import methods, plots
+from lps_jax.methods import registry as methods
+from lps_jax.evaluation import plots
 
 PAPER_FIGURES = {
     'transfer': 'Fig. 3a shows similarity roughly proportional to ARI, with outliers (no numbers).',

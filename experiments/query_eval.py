@@ -4,10 +4,10 @@ elsewhere").
 
   python -m experiments.query_eval --foreign=runs/torch_models --out=results/query_eval
 
-The index (`lps_jax.index`, as lps_query builds it) is trained on runs 0..index_runs-1 of every
+The index (`lps_jax.query.index`, as lps_query builds it) is trained on runs 0..index_runs-1 of every
 task of --modelset; queried with the other runs of the set (trained here) and with every
 checkpoint of --foreign (a folder of checkpoints + models.json naming each one's task, as
-experiments/torch_models.py writes), read through `lps_jax.checkpoints` like any user file.
+experiments/torch_models.py writes), read through `lps_jax.zoo.foreign_checkpoints` like any user file.
 """
 import json
 import os
@@ -18,8 +18,14 @@ import numpy as np
 from absl import flags
 
 from experiments import flagdefs
-from lps_jax import checkpoints, index, methods, metrics, modelset, second_order_fit
-from lps_jax.config_checks import Range
+from lps_jax.zoo import foreign_checkpoints as checkpoints
+from lps_jax.query import index
+from lps_jax.methods import registry as methods
+from lps_jax.evaluation import metrics
+from lps_jax.training import modelset
+from lps_jax.align import fit as second_order_fit
+from lps_jax.common.checks import Range
+from lps_jax.common.errors import UserError
 
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz', 'Indexed set.')
 flags.DEFINE_integer('index_runs', 8, 'Runs per task in the index; the rest are queries.')
@@ -35,7 +41,7 @@ flagdefs.check('index_runs', Range(1, integer=True))
 
 def _has_models_json(folder: str) -> None:
   if not os.path.isfile(os.path.join(folder, 'models.json')):
-    raise ValueError(f'no models.json in {folder} (experiments/torch_models.py writes one).')
+    raise UserError(f'no models.json in {folder} (experiments/torch_models.py writes one).')
 
 
 flagdefs.parsed('foreign', _has_models_json)
@@ -56,7 +62,7 @@ def main(argv):
   del argv
   try:
     evaluate()
-  except (modelset.ModelSetError, checkpoints.CheckpointError, index.QueryError, ValueError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
 
 

@@ -13,7 +13,7 @@ export: records a finished train_population workdir as a slice (what --export_sl
 end of a run). replay: retrains one model of a slice from its record on this machine for
 --replay_epochs (default: the recorded early epochs if the slice has them, else all) and
 compares its first layer with the slice's; bitwise on CPU with the slice's conv impl.
-stage: the tasks' images in parts of <= --part_mib for a device call (lps_jax.stage).
+stage: the tasks' images in parts of <= --part_mib for a device call (lps_jax.zoo.stage).
 """
 import json
 import os
@@ -22,10 +22,11 @@ import sys
 from absl import flags
 
 from experiments import flagdefs
-from lps_jax import data as data_lib
-from lps_jax import manifest as manifest_lib
-from lps_jax import slices
-from lps_jax.config_checks import Range
+from lps_jax.training import data as data_lib
+from lps_jax.zoo import manifest as manifest_lib
+from lps_jax.zoo import slice_folder as slices
+from lps_jax.common.checks import Range
+from lps_jax.common.errors import UserError
 
 flags.DEFINE_enum('action', 'merge', ['check', 'merge', 'export', 'replay', 'stage'],
                   'What to do.')
@@ -53,7 +54,7 @@ def model_id(value: str) -> tuple[int, int]:
   """'TASK:RUN' -> (task, run)."""
   parts = value.split(':')
   if len(parts) != 2 or not all(p.isdigit() for p in parts):
-    raise ValueError('use TASK:RUN, e.g. 0:3.')
+    raise UserError('use TASK:RUN, e.g. 0:3.')
   return int(parts[0]), int(parts[1])
 
 
@@ -89,7 +90,9 @@ def _merge(check_only: bool) -> None:
 
 
 def _export() -> None:
-  from lps_jax import modelset, slice_models, workdir
+  from lps_jax.training import modelset
+  from lps_jax.zoo import whole_models as slice_models
+  from lps_jax.training import workdir
   if not FLAGS.workdir:
     raise slices.SliceError('--action=export needs --workdir (a finished train_population run).')
   result = modelset.load(FLAGS.workdir)
@@ -110,7 +113,7 @@ def _export() -> None:
 
 
 def _stage() -> None:
-  from lps_jax import stage
+  from lps_jax.zoo import stage
   if not FLAGS.task_ids:
     raise slices.SliceError('--action=stage needs --task_ids (e.g. 10-49).')
   out = stage.stage(FLAGS.data_dir, slices.parse_task_ids(FLAGS.task_ids), FLAGS.stage_dir,
@@ -143,7 +146,7 @@ def main(argv):
       _stage()
     else:
       _replay()
-  except (slices.SliceError, data_lib.DataError, ValueError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
 
 

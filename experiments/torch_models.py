@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from lps_jax.common import files
+
 
 def train_one(task, run, train, test, tasks_split, args):
   import torch
@@ -63,7 +65,7 @@ def main():
   p.add_argument('--out', default='runs/torch_models')
   a = p.parse_args()
   import torch
-  from lps_jax import data
+  from lps_jax.training import data
   tasks = [int(t) for t in a.tasks.split(',')]
   train, test = data.load('npz', a.data_dir or data.default_data_dir(),
                           classes=data.task_classes(tasks))
@@ -84,9 +86,7 @@ def main():
       torch.save(state, os.path.join(a.out, name))
       meta[name] = {'task': task, 'run': run, 'heldout_accuracy': acc,
                     'seconds': time.time() - t0}
-      with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=1)
-      os.replace(meta_path + '.tmp', meta_path)
+      files.write_json(meta_path, meta)
       print(f'{name}: held-out accuracy {acc:.3f} ({time.time() - t0:.0f} s)', flush=True)
 
 

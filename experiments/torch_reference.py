@@ -1,9 +1,9 @@
 """The same ResNet-20 training step in PyTorch: the yardstick `benchmark --suites=torch` uses.
 
 PyTorch is an optional extra (`pip install torch`), never a requirement of lps-jax. The step
-matches `lps_jax.train_step.train_step`: gather a batch of uint8 images by index, pad-4 random
+matches `lps_jax.training.step.train_step`: gather a batch of uint8 images by index, pad-4 random
 crop + horizontal flip + per-channel normalisation, ResNet-20 (1x1 conv + BN shortcuts, as
-`lps_jax.resnet`), cross-entropy, SGD momentum 0.9 with coupled weight decay 1e-4. Models train
+`lps_jax.training.resnet`), cross-entropy, SGD momentum 0.9 with coupled weight decay 1e-4. Models train
 one after another, as the paper's code does.
 
   python -m experiments.torch_reference --models=8 --steps=3 [--channels_last]   # prints JSON

@@ -5,8 +5,8 @@
 
 Re-running the same command resumes from the latest complete checkpoint in --workdir (finished
 chunks are never retrained). The model set is written to <workdir>/modelset
-(`lps_jax.modelset.load`). The recipe / population / execution flags come from the config
-dataclasses in `lps_jax.train_config` (defaults = the paper's).
+(`lps_jax.training.modelset.load`). The recipe / population / execution flags come from the config
+dataclasses in `lps_jax.training.config` (defaults = the paper's).
 """
 import logging as py_logging
 import os
@@ -15,11 +15,13 @@ import time
 
 from absl import flags, logging
 
+from lps_jax.common.errors import UserError
 from experiments import flagdefs
-from lps_jax import data as data_lib
-from lps_jax.onednn.build import OneDNNUnavailable
-from lps_jax import resnet, slices, train_config
-from lps_jax.config_checks import Range
+from lps_jax.training import data as data_lib
+from lps_jax.training import resnet
+from lps_jax.zoo import slice_folder as slices
+from lps_jax.training import config as train_config
+from lps_jax.common.checks import Range
 
 flagdefs.define(train_config.TrainConfig)
 flagdefs.define(train_config.PopulationConfig, skip=('task_ids',))
@@ -43,12 +45,12 @@ flags.DEFINE_string('export_kernels', None,
 flags.DEFINE_string('summary', None, 'If set, write a markdown summary (per-task accuracy; '
                     '{slice} as in --workdir).')
 flags.DEFINE_string('export_slice', None, 'If set, record the finished run as a slice under '
-                    'this folder (<folder>/tasks_AA-BB: kernels + record, lps_jax.slices).')
+                    'this folder (<folder>/tasks_AA-BB: kernels + record, lps_jax.zoo.slice_folder).')
 flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 flags.DEFINE_integer('stop_after_epochs', None, 'Train at most this many epochs in this '
                      'invocation, checkpoint and exit 0 (job time limits); rerun to resume.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for a multi-process '
-                    '(multi-host) run; see lps_jax/distributed.py for how to launch.')
+                    '(multi-host) run; see lps_jax/training/distributed.py for how to launch.')
 flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (0 = coordinator).')
 flags.DEFINE_enum('distributed', 'off', ['off', 'auto'], "'auto': jax.distributed.initialize() "
@@ -94,14 +96,14 @@ def _paths(config) -> dict:
 
 def _write_outputs(result, wall, ex, paths, num_chunks, test):
   import jax
-  from lps_jax import modelset, workdir
+  from lps_jax.training import modelset, workdir
   command = 'python -m experiments.train_population ' + ' '.join(sys.argv[1:])
   wall = workdir.log_timing(paths['workdir'], wall, ex, sys.argv[1:])
   if paths['export_kernels']:
     modelset.export_kernels(paths['export_kernels'], result)
     logging.info('first-layer kernels written to %s', paths['export_kernels'])
   if FLAGS.export_slice:
-    from lps_jax import slice_models
+    from lps_jax.zoo import whole_models as slice_models
     folder = slices.export(
         FLAGS.export_slice, result, ex, wall, command,
         early=workdir.early_kernels(paths['workdir'], num_chunks, slices.RECORD_EPOCHS),
@@ -123,7 +125,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   import jax
   jax.config.update('jax_num_cpu_devices', FLAGS.num_cpu_devices)
-  from lps_jax import distributed, modelset, trainer, workdir
+  from lps_jax.training import distributed, trainer, workdir
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            auto=FLAGS.distributed == 'auto', timeout_s=FLAGS.distributed_timeout)
@@ -139,12 +141,12 @@ def main(argv):
                                             classes=data_lib.task_classes(config.task_ids))
     test = None
     if FLAGS.export_slice:   # the whole models' probe batch: checked before any training
-      from lps_jax import slice_models
+      from lps_jax.zoo import whole_models as slice_models
       test = data_lib.test_split(config.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir)
       slice_models.check_probe(test.labels)
     execution = flagdefs.build(train_config.ExecutionConfig, FLAGS)
     pop_trainer = trainer.PopulationTrainer(config, execution, train_split, eval_split)
-  except (data_lib.DataError, ValueError, OneDNNUnavailable) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
   ex = pop_trainer.execution
   logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s step=%s '
@@ -163,7 +165,7 @@ def main(argv):
   except workdir.TrainingStopped as e:
     logging.info('%s', e)
     return
-  except (workdir.TrainingError, modelset.ModelSetError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
   if not distributed.is_primary():
     return

@@ -8,7 +8,8 @@ import pytest
 
 jax.config.update('jax_num_cpu_devices', 2)
 
-from lps_jax import data, modelset, resnet, train_config  # noqa: E402  (after the device count)
+from lps_jax.training import data, modelset, resnet
+from lps_jax.training import config as train_config  # noqa: E402  (after the device count)
 
 if data.default_data_dir():  # Subprocesses (the apps) inherit an absolute path.
   os.environ[data.DATA_DIR_ENV] = os.path.abspath(data.default_data_dir())
@@ -49,7 +50,7 @@ def data_dir():
 def onednn_available() -> bool:
   """Whether the oneDNN extension (optional extra) builds and loads here. CI sets
   LPS_REQUIRE_ONEDNN=1, so its tests fail instead of skipping when it does not."""
-  from lps_jax.onednn import build, conv
+  from lps_jax.training.onednn import build, conv
   try:
     conv.load()
     return True

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lps_jax import align, resnet
+from lps_jax import align
+from lps_jax.training import resnet
 
 
 

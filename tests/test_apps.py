@@ -50,8 +50,8 @@ def test_lps_main_bad_model_sets(tmp_path):
   """What lps_main's loading refuses, each in one line (in-process: lps_modes.load is what the
   app calls; bad flag values are the flag sweep's); then one truncated file through the app."""
   from experiments import lps_modes
-  from lps_jax import modelset
-  from lps_jax.second_order_fit import SecondOrderConfig
+  from lps_jax.training import modelset
+  from lps_jax.align.fit import SecondOrderConfig
   kernels = os.path.join(ROOT, 'results', 'test_split_gpu', 'modelset', 'first_layer_kernels.npz')
   src = np.load(kernels)
   arrays = {k: src[k] for k in src.files}
@@ -79,8 +79,9 @@ def test_branches_mode_reads_the_layers_a_kernels_file_holds(tmp_path):
   """The committed ModelSet500 slices keep stage-1 kernels (layers 1-7): merged with them,
   Fig. 3b's branches 1-7 run from the file; deeper branches ask for the folder."""
   from experiments import lps_modes
-  from lps_jax import manifest, modelset
-  from lps_jax.second_order_fit import SecondOrderConfig
+  from lps_jax.zoo import manifest
+  from lps_jax.training import modelset
+  from lps_jax.align.fit import SecondOrderConfig
   path = str(tmp_path / 'stage1.npz')
   manifest.merge(os.path.join(ROOT, 'results', 'modelset500'), path, stage1=True)
   kernels, task_id, _, branches = lps_modes.load(lps_modes.MODES['branches'], path,

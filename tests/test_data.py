@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import data
+from lps_jax.training import data
 
 
 @pytest.fixture(scope='module')

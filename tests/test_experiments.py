@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from lps_jax import results
+from lps_jax.evaluation import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,8 +104,8 @@ def test_figure_modes_bad_input(tiny_set, tmp_path):
   assert [l for l in r.stderr.splitlines() if 'error' in l.lower()] == [r.stderr.splitlines()[-1]]
   # The rest in-process: what lps_main's loading and results folders refuse.
   from experiments import lps_modes
-  from lps_jax import modelset
-  from lps_jax.second_order_fit import SecondOrderConfig
+  from lps_jax.training import modelset
+  from lps_jax.align.fit import SecondOrderConfig
   cfg = SecondOrderConfig()
   with pytest.raises(ValueError, match=r'2\.\.7'):
     lps_modes.load(lps_modes.MODES['alignment'], tiny_set, cfg, [], [1])
@@ -123,7 +123,7 @@ def test_figure_modes_bad_input(tiny_set, tmp_path):
 
 
 def test_transfer_needs_the_tasks_images():
-  from lps_jax import transfer
+  from lps_jax.evaluation import transfer
   images = np.zeros((4, 32, 32, 3), np.uint8)
   with pytest.raises(ValueError, match='no images of task 3'):
     transfer.task_images(images, np.array([0, 1, 2, 3]), 3)
@@ -150,7 +150,7 @@ def test_results_dir_and_cache_units(tmp_path):
 
 
 def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
-  from lps_jax import modelset
+  from lps_jax.training import modelset
   ms = modelset.load(tiny_set)
   part = str(tmp_path / 'part.npz')        # 3 of the 6 tasks, as a partial ModelSet500 would be
   modelset.export_kernels(part, ms.select(np.flatnonzero(ms.task_id < 3)))

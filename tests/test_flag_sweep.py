@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from lps_jax import locks
+from lps_jax.common import locks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = 'results/test_split_gpu/modelset/first_layer_kernels.npz'

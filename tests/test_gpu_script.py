@@ -7,7 +7,9 @@ import tarfile
 
 import numpy as np
 
-from lps_jax import data, manifest, stage, whole_network
+from lps_jax.training import data
+from lps_jax.zoo import manifest, stage
+from lps_jax.methods import whole_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--runs_per_task=2', '--epochs=2', '--lr_boundaries=1', '--widths=4,8,8',

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from lps_jax import locks, results
+from lps_jax.common import locks
+from lps_jax.evaluation import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ def test_second_holder_refused_until_the_first_lets_go(tmp_path):
 
 def _holder(folder):
   """A subprocess holding `folder`'s lock until killed."""
-  code = (f'import sys, time; sys.path.insert(0, {ROOT!r}); from lps_jax import locks; '
+  code = (f'import sys, time; sys.path.insert(0, {ROOT!r}); from lps_jax.common import locks; '
           f'f = locks.hold({folder!r}, "index", "--index"); print("held", flush=True); '
           'time.sleep(60)')
   p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)

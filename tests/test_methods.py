@@ -8,8 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import baselines, methods, modelset, protocols, results
-from lps_jax.second_order_fit import SecondOrderConfig, SecondOrderModel, validation_rows
+from lps_jax.methods import probes as baselines
+from lps_jax.methods import registry as methods
+from lps_jax.training import modelset
+from lps_jax.evaluation import protocols, results
+from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel, validation_rows
 
 
 def _chain(rng, m=4, widths=(3, 5, 6)):
@@ -53,7 +56,7 @@ def test_whole_chain_matching_is_exactly_invariant_to_resnet_symmetry():
   """rebasin_chain reads stage 1 of a ResNet-20 through its permutation spec: a model with all
   its channel groups permuted (the residual stream shared across blocks) gets the same
   features, bit for bit."""
-  from lps_jax import resnet
+  from lps_jax.training import resnet
   probe = methods.build(methods.get('rebasin_chain'), SecondOrderConfig(), 2)
   names = resnet.conv_layer_names()[:7]
   variables = [resnet.init_variables(jax.random.PRNGKey(i)) for i in range(4)]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lps_jax import metrics
+from lps_jax.evaluation import metrics
 
 
 def test_topk_accuracy_against_brute_force():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import requires_onednn
-from lps_jax import train_config
-from lps_jax.onednn import build
+from lps_jax.training import config as train_config
+from lps_jax.training.onednn import build
 
 pytestmark = requires_onednn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def _lax(stride):
 
 
 def _ours(stride, threads=0, bf16=False):
-  from lps_jax.onednn import conv
+  from lps_jax.training.onednn import conv
   return lambda x, k: conv.conv(x, k, stride, threads, bf16)
 
 
@@ -88,7 +88,7 @@ def test_bf16_is_close_to_float32():
 
 
 def test_bad_shapes_are_refused():
-  from lps_jax.onednn import conv
+  from lps_jax.training.onednn import conv
   with pytest.raises(ValueError, match='NHWC x and HWIO kernel'):
     conv.conv(jnp.zeros((8, 8, 3)), jnp.zeros((3, 3, 3, 4)))
   with pytest.raises(ValueError, match='3 channels but the kernel expects 5'):
@@ -106,7 +106,7 @@ def test_missing_pieces_are_named_in_one_line(tmp_path, monkeypatch):
   with pytest.raises(build.OneDNNUnavailable, match="compiler 'no-such-compiler' was not found"):
     build.library_path()
   # Asked for: an error. Not asked for (auto): lax, and the log says why.
-  from lps_jax.onednn import conv
+  from lps_jax.training.onednn import conv
   def unavailable():
     raise build.OneDNNUnavailable('test: no oneDNN here')
   monkeypatch.setattr(conv, 'load', unavailable)
@@ -123,7 +123,7 @@ def test_missing_pieces_are_named_in_one_line(tmp_path, monkeypatch):
 
 def test_two_processes_build_once(tmp_path):
   env = dict(os.environ, **{build.CACHE_ENV: str(tmp_path)})
-  cmd = [sys.executable, '-m', 'lps_jax.onednn.build']
+  cmd = [sys.executable, '-m', 'lps_jax.training.onednn.build']
   procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
            for _ in range(2)]
   paths = [p.communicate(timeout=300)[0].strip() for p in procs]

@@ -1,12 +1,12 @@
-"""ResNet's permutation spec and whole-network weight matching (lps_jax.permutations)."""
+"""ResNet's permutation spec and whole-network weight matching (lps_jax.symmetry.permutations)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from lps_jax import permutations as P
-from lps_jax import resnet
+from lps_jax.symmetry import permutations as P
+from lps_jax.training import resnet
 
 TINY = resnet.ResNetConfig((2, 1, 1), (4, 6, 8))
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lps_jax import popmap
+from lps_jax.training import popmap
 
 
 def _fn(x, w, s):

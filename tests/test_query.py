@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import checkpoints, modelset, resnet
+from lps_jax.zoo import foreign_checkpoints as checkpoints
+from lps_jax.training import modelset, resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -143,8 +144,8 @@ def test_a_width_free_probe_index_names_a_wider_models_task(tmp_path, tiny_set):
   """An index of the Gram probe (layer 1, any width) round-trips through its folder and answers
   a 2x-wide copy of a model (each first-layer filter twice: the same Gram matrix and mean
   filter) exactly as the model itself; the LPS index refuses the wider model in one line."""
-  from lps_jax import index
-  from lps_jax.second_order_fit import SecondOrderConfig
+  from lps_jax.query import index
+  from lps_jax.align.fit import SecondOrderConfig
   kernels, task_id, _, run = modelset.load_kernels(tiny_set, 1)
   built = index.build(kernels, task_id, run, 'gram', SecondOrderConfig())
   index.save(str(tmp_path / 'gram'), built)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lps_jax import resnet
+from lps_jax.training import resnet
 
 
 def _expected_resnet20_params():

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import modelset
+from lps_jax.training import modelset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--dataset=npz', '--num_tasks=2', '--runs_per_task=4', '--widths=4,8,8',

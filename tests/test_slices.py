@@ -7,9 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from lps_jax import (data, manifest, modelset, permutations, resnet, slice_models, slices,
-                     trainer, workdir)
-from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
+from lps_jax.training import data
+from lps_jax.zoo import manifest
+from lps_jax.training import modelset
+from lps_jax.symmetry import permutations
+from lps_jax.training import resnet
+from lps_jax.zoo import whole_models as slice_models
+from lps_jax.zoo import slice_folder as slices
+from lps_jax.training import trainer, workdir
+from lps_jax.training.config import ExecutionConfig, PopulationConfig, TrainConfig
 
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
 EX = ExecutionConfig(models_per_chunk=2)          # the CPU default: loop, split, 2 devices
@@ -90,7 +96,7 @@ def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
   assert ('onednn' in record['versions']) == conv.startswith('onednn')
   text = manifest.manifest_markdown(m)
   assert 'tasks_00-01' in text and '3 of 50 tasks' in text
-  assert m['whole_tasks'] == [2] and 'trajectory: `lps_jax.slice_models`): 2.' in text
+  assert m['whole_tasks'] == [2] and 'trajectory: `lps_jax.zoo.whole_models`): 2.' in text
 
 
 def _relabel(src, dst, task=None, seed=None):
@@ -197,8 +203,8 @@ def test_whole_network_methods_run_on_a_folder_of_slices(sliced, tmp_path):
   """lps_main's loading reads a slices folder as its whole models: the functional reference
   from the stored logits (no images), weight-space methods from every variable."""
   from experiments import lps_modes
-  from lps_jax import methods
-  from lps_jax.second_order_fit import SecondOrderConfig
+  from lps_jax.methods import registry as methods
+  from lps_jax.align.fit import SecondOrderConfig
   root, _, _ = sliced
   table = lps_modes.MODES['classification']
   never = lambda: pytest.fail('the stored logits make images unnecessary')

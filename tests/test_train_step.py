@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import onednn_available, requires_onednn
-from lps_jax import data, popmap, resnet, train_step, trainer
-from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
+from lps_jax.training import data, popmap, resnet
+from lps_jax.training import step as train_step
+from lps_jax.training import trainer
+from lps_jax.training.config import ExecutionConfig, PopulationConfig, TrainConfig
 
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import data, modelset, popmap, resnet, trainer, workdir
-from lps_jax.train_config import ExecutionConfig, PopulationConfig, TrainConfig
+from lps_jax.training import data, modelset, popmap, resnet, trainer, workdir
+from lps_jax.training.config import ExecutionConfig, PopulationConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))

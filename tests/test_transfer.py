@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import data, resnet, transfer
+from lps_jax.training import data, resnet
+from lps_jax.evaluation import transfer
 
 
 def test_task_similarity_means_model_pairs():

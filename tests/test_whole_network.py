@@ -1,4 +1,4 @@
-"""Whole-network methods (lps_jax.whole_network, lps_jax.invariant_net): exact invariance to the
+"""Whole-network methods (lps_jax.methods.whole_network, lps_jax.methods.invariant_net): exact invariance to the
 permutation spec, agreement with the plain model, and learning beyond chance."""
 import dataclasses
 
@@ -6,9 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax import invariant_net, methods, modelset, permutations, protocols, resnet
-from lps_jax import whole_network
-from lps_jax.second_order_fit import SecondOrderConfig
+from lps_jax.methods import invariant_net
+from lps_jax.methods import registry as methods
+from lps_jax.training import modelset
+from lps_jax.symmetry import permutations
+from lps_jax.evaluation import protocols
+from lps_jax.training import resnet
+from lps_jax.methods import whole_network
+from lps_jax.align.fit import SecondOrderConfig
 
 TINY = resnet.ResNetConfig((2, 1, 1), (4, 6, 8))   # with shortcut convs in stages 2 and 3
 
@@ -75,7 +80,7 @@ def test_aligner_maps_permuted_copies_to_the_same_aligned_models_bit_for_bit():
 
 
 def test_aligner_caches_its_work(tmp_path):
-  from lps_jax import results
+  from lps_jax.evaluation import results
   stack, _ = _stack(2, 3)
   cache = results.Cache(str(tmp_path))
   first = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
@@ -113,7 +118,7 @@ def test_invariant_network_is_invariant_reads_other_widths_and_learns():
 
 
 def test_probe_logits_are_the_models_outputs_and_a_function_of_the_network():
-  from lps_jax import data
+  from lps_jax.training import data
   stack, _ = _stack(1, 2)
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   logits = whole_network.probe_logits(stack, images)

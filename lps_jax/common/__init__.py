@@ -1,0 +1,1 @@
+"""Shared plumbing: user errors, atomic files, folder locks, config field rules."""

@@ -1,0 +1,1 @@
+"""Tables 1-2 and Figs. 3a-c: protocols, metrics, transferability, results folders, plots."""

@@ -1,0 +1,191 @@
+"""Whole-network methods: every layer of a model read at once (the paper's open problem, Sec. 6).
+
+The paper aligns each layer on its own (Eq. 5-8) and reads only the first; here a network's
+channel symmetry (`resnet.permutation_spec`) is resolved for all layers jointly, then read:
+
+  Aligner       Git Re-Basin weight matching (Ainsworth et al. 2023, Alg. 1) of every model to
+                one reference, the reference refined towards the mean of a subsample of the
+                training models (`permutations.align_to_mean`); fitted on training models only;
+  Aligned       any method (fit / predict / embed) on the aligned networks;
+  FlatProbe     standardised, flattened arrays (by path prefix) + multinomial logistic
+                regression: on aligned weights the linear probe of all layers and the FC, on
+                `functional/` arrays the functional reference;
+  probe_logits  the functional reference's features (not weight-space): each model's logits
+                on a fixed batch of probe images.
+
+Inputs are `modelset.NetworkStack`s (all variables of M models, conv kernels first).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from lps_jax.training import data as data_lib
+from lps_jax.training import modelset
+from lps_jax.symmetry import permutations
+from lps_jax.training import resnet
+from lps_jax.evaluation import results
+from lps_jax.training.modelset import NetworkStack
+from lps_jax.common.errors import UserError
+
+OBJECTIVE = 'params/'   # weight matching scores parameters, not running statistics
+
+
+def _need_stack(stack) -> NetworkStack:
+  return modelset.require_stack(stack, 'a whole-network method')
+
+
+def _objective(stack: NetworkStack) -> list[np.ndarray]:
+  return [a for p, a in zip(stack.paths, stack) if p.startswith(OBJECTIVE)]
+
+
+class Aligner:
+  """Weight matching of whole networks to a reference fitted on training models. With a
+  `results.Cache`, the reference and each stack's permutations are kept (content-addressed)."""
+
+  def __init__(self, reference_models: int = 50, rounds: int = 2, seed: int = 0, cache=None):
+    self.reference_models, self.rounds, self.seed, self.cache = reference_models, rounds, seed, cache
+    self.reference = None
+
+  def _cached(self, key: dict, compute):
+    return compute() if self.cache is None else self.cache.arrays(key, compute)
+
+  def fit(self, stack: NetworkStack) -> 'Aligner':
+    """The reference: `rounds` of align-to-mean over `reference_models` training models drawn
+    with `seed` (all of them if fewer)."""
+    stack = _need_stack(stack)
+    rows = np.sort(np.random.default_rng(self.seed).permutation(len(stack[0]))
+                   [:self.reference_models])
+    self.spec = stack.spec()
+    chosen = stack.take(rows)
+    key = {'kind': 'wn_reference', 'rounds': self.rounds, 'seed': self.seed,
+           'models': results.fingerprint(*_objective(chosen))}
+    def compute():
+      logging.info('whole-network alignment: a reference from %d training models, %d rounds',
+                   len(rows), self.rounds)
+      return permutations.align_to_mean(self.spec, chosen.model_flats(OBJECTIVE), self.rounds,
+                                        self.seed)[0]
+
+    self.reference = self._cached(key, compute)
+    return self
+
+  def perms_of(self, stack: NetworkStack) -> list[permutations.Perms]:
+    """Each model's permutations onto the reference (Git Re-Basin weight matching)."""
+    if self.reference is None:
+      raise UserError('Aligner.transform before fit.')
+    groups = sorted(self.spec.perm_to_axes)
+
+    def compute():   # every model from the same seeded group order: equivariant
+      logging.info('whole-network alignment: matching %d models to the reference',
+                   len(stack[0]))
+      found = [permutations.weight_matching(
+          self.spec, self.reference, flat, np.random.default_rng(self.seed),
+          init=permutations.sorted_init(self.spec, self.reference, flat))
+          for flat in stack.model_flats(OBJECTIVE)]
+      return {g: np.stack([p[g] for p in found]) for g in groups}
+
+    key = {'kind': 'wn_perms', 'seed': self.seed,
+           'reference': results.fingerprint(*[self.reference[k] for k in sorted(self.reference)]),
+           'models': results.fingerprint(*_objective(stack))}
+    stacked = self._cached(key, compute)
+    return [{g: stacked[g][m] for g in groups} for m in range(len(stack[0]))]
+
+  def transform(self, stack: NetworkStack) -> NetworkStack:
+    """Every model permuted to best match the reference: the same functions, one order."""
+    stack = _need_stack(stack)
+    perms = self.perms_of(stack)
+    return stack.replaced([
+        permutations.apply(self.spec, p, {k: v for k, v in flat.items()
+                                          if k in self.spec.axes_to_perm})
+        for p, flat in zip(perms, stack.model_flats())])
+
+
+class Aligned:
+  """`inner` (fit / predict / embed over stacks or kernel lists) on whole-network-aligned
+  models: fit aligns the training models to a reference fitted on them; predict and embed
+  align to the same reference."""
+
+  def __init__(self, inner, aligner: Aligner):
+    self.inner, self.aligner = inner, aligner
+
+  def fit(self, stack, labels, progress: Optional[Callable] = None) -> None:
+    self.aligner.fit(stack)
+    self.inner.fit(self.aligner.transform(stack), labels, progress=progress)
+
+  def predict(self, stack) -> np.ndarray:
+    return self.inner.predict(self.aligner.transform(stack))
+
+  def embed(self, stack) -> np.ndarray:
+    return self.inner.embed(self.aligner.transform(stack))
+
+
+class FlatProbe:
+  """The arrays whose paths start with one of `prefixes`, flattened, standardised over the
+  training models, + L2-penalised multinomial logistic regression (C). Fitted in the span of
+  the training models (an exact reparametrisation for an L2 penalty, by the representer
+  theorem), so 10^5 weights per model cost a 400 x 400 problem."""
+
+  def __init__(self, prefixes: Sequence[str], num_classes: int, C: float = 1.0):
+    self.prefixes, self.num_classes, self.C = tuple(prefixes), num_classes, C
+
+  def _x(self, stack) -> np.ndarray:
+    stack = _need_stack(stack)
+    chosen = [np.asarray(a, np.float64).reshape(len(a), -1) for p, a in zip(stack.paths, stack)
+              if p.startswith(self.prefixes)]
+    if not chosen:
+      raise UserError(f'no arrays under {self.prefixes} in this stack.')
+    return np.concatenate(chosen, axis=1)
+
+  def _z(self, stack) -> np.ndarray:
+    return self.scaler.transform(self._x(stack)) @ self.basis
+
+  def fit(self, stack, labels, progress: Optional[Callable] = None) -> None:
+    x = self._x(stack)
+    self.scaler = StandardScaler().fit(x)
+    x = self.scaler.transform(x)
+    # An orthonormal basis of the training rows' span from their (M, M) Gram matrix (an SVD
+    # of the wide (M, d) matrix itself is far slower).
+    w, u = np.linalg.eigh(x @ x.T)
+    keep = w > 1e-9 * w.max()
+    self.basis = x.T @ (u[:, keep] / np.sqrt(w[keep]))
+    self.clf = LogisticRegression(C=self.C, max_iter=5000).fit(self._z(stack), labels)
+    if list(self.clf.classes_) != list(range(self.num_classes)):
+      raise UserError('every task needs training models (labels 0..num_classes-1).')
+    if progress is not None:
+      progress(1, None)
+
+  def predict(self, stack) -> np.ndarray:
+    return self.clf.predict_proba(self._z(stack))
+
+  def embed(self, stack) -> np.ndarray:
+    z = self.clf.decision_function(self._z(stack))
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def probe_images(images: np.ndarray, labels: np.ndarray, per_class: int = 2) -> np.ndarray:
+  """The first `per_class` images of every class, in class order: a fixed probe batch."""
+  classes = np.unique(labels)
+  rows = [np.flatnonzero(labels == c)[:per_class] for c in classes]
+  short = [int(c) for c, r in zip(classes, rows) if r.size < per_class]
+  if short:
+    raise UserError(f'classes {short[:5]} have fewer than {per_class} images for the probe.')
+  return images[np.concatenate(rows)]
+
+
+def probe_logits(stack: NetworkStack, images: np.ndarray) -> np.ndarray:
+  """(M, N * classes): each model's logits on the N uint8 probe images, flattened. The
+  functional reference: what the models compute, not how their weights look."""
+  stack = _need_stack(stack)
+  model = resnet.ResNet(resnet.ResNetConfig.from_dict(stack.model))
+  forward = jax.jit(lambda v, x: model.apply(v, data_lib.normalize(x), train=False))
+  out = []
+  for flat in stack.model_flats():
+    variables = permutations.unflatten({k: v for k, v in flat.items()
+                                        if k.startswith(('params/', 'batch_stats/'))})
+    out.append(np.asarray(forward(variables, images)).reshape(-1))
+  return np.stack(out)
