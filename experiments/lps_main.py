@@ -121,6 +121,7 @@ def replot():
 def main(argv):
   del argv
   import numpy as np
+  from lps_jax.common import cache as cache_lib
   from lps_jax.evaluation import results
 
   if FLAGS.replot:
@@ -132,7 +133,7 @@ def main(argv):
                             skip=('method', 'split_seed'))
     branches = [int(b) for b in FLAGS.branches] if FLAGS.branches else None
     images = lps_modes.test_split_loader(FLAGS.dataset, FLAGS.data_dir, FLAGS.tfds_data_dir)
-    cache = results.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None
+    cache = cache_lib.Cache(FLAGS.cache_dir) if FLAGS.cache_dir else None
     readers = FLAGS.methods if mode.takes_methods else FLAGS.branch_methods
     kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, readers,
                                                     branches, images, cache)

@@ -18,7 +18,7 @@ from lps_jax.methods import registry as methods
 from lps_jax.training import modelset
 from lps_jax.evaluation import protocols
 from lps_jax.training import resnet
-from lps_jax.zoo import whole_models as slice_models
+from lps_jax.zoo import manifest as manifest_lib
 from lps_jax.align.fit import SecondOrderConfig
 from lps_jax.common.errors import UserError
 
@@ -60,7 +60,7 @@ class Mode:
 
 
 def _methods_epochs(ctx: Context) -> int:
-  return sum(methods.fit_count(methods.get(m), ctx.config) for m in ctx.methods)
+  return sum(methods.get(m).fit_count(ctx.config) for m in ctx.methods)
 
 
 # -- run
@@ -182,7 +182,7 @@ def load(mode: Mode, path: str, config: SecondOrderConfig, method_names: list[st
   chosen = [methods.get(m) for m in method_names] if mode.takes_methods or mode.branch_methods else []
   readers = [m.name for m in chosen if m.reads_networks]
   # A folder of slices (results/modelset500) is read as the models its slices keep whole.
-  whole = slice_models.load_whole(path) if slice_models.is_slices_root(path) else None
+  whole = manifest_lib.load_whole(path) if manifest_lib.is_slices_root(path) else None
   if mode.folder_reason is None and not readers:
     num_layers = max([m.num_layers(config) for m in chosen] or [len(config.layer_weights)])
     if whole is not None:
@@ -248,20 +248,20 @@ def _branches_from_file(path: str, branches: Optional[list[int]]):
 
 def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None) -> np.ndarray:
   """The functional reference's features: every model's logits on 2 test-split images per
-  class (`whole_network.probe_logits`), kept in `cache`."""
-  from lps_jax.evaluation import results
-  from lps_jax.methods import whole_network
+  class (`zoo.probe.probe_logits`), kept in `cache`."""
+  from lps_jax.common import cache as cache_lib
+  from lps_jax.zoo import probe as probe_lib
   split = images()
-  probe = whole_network.probe_images(split.images, split.labels)
+  probe = probe_lib.probe_images(split.images, split.labels)
   def compute():
     logging.info('functional reference: %d models on %d probe images', len(stack[0]),
                  len(probe))
-    return {'logits': whole_network.probe_logits(stack, probe)}
+    return {'logits': probe_lib.probe_logits(stack, probe)}
 
   if cache is None:
     return compute()['logits']
-  key = {'kind': 'probe_logits', 'images': results.fingerprint(probe),
-         'models': results.fingerprint(*stack)}
+  key = {'kind': 'probe_logits', 'images': cache_lib.fingerprint(probe),
+         'models': cache_lib.fingerprint(*stack)}
   return cache.arrays(key, compute)['logits']
 
 

@@ -55,8 +55,7 @@ def build_index():
   m = methods.get(FLAGS.method)
   kernels, task_id, _, run = modelset.load_kernels(FLAGS.modelset, m.num_layers(config))
   with locks.exclusive(FLAGS.index, 'index', '--index'):   # one build per index folder
-    bar = tqdm(total=methods.fit_count(m, config), file=sys.stderr,
-               desc='index: second-order epochs' if m.kind == 'second_order' else 'index: probe fit')
+    bar = tqdm(total=m.fit_count(config), file=sys.stderr, desc=f'index: {FLAGS.method} fit')
     idx = index.build(kernels, task_id, run, FLAGS.method, config, source=FLAGS.modelset,
                       progress=lambda e, loss: bar.update(1))
     bar.close()

@@ -30,7 +30,7 @@ from lps_jax.common.errors import UserError
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz', 'Indexed set.')
 flags.DEFINE_integer('index_runs', 8, 'Runs per task in the index; the rest are queries.')
 flags.DEFINE_enum('method', 'lps', [n for n, m in methods.REGISTRY.items()
-                                    if m.kind == 'second_order'],
+                                    if isinstance(m, methods.SecondOrder)],
                   'Second-order method of the index.')
 flagdefs.define(second_order_fit.SecondOrderConfig, skip=('method', 'split_seed'))
 flags.DEFINE_string('foreign', 'runs/torch_models', 'Folder of foreign checkpoints + models.json.')

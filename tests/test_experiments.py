@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from lps_jax.common import cache as cache_lib
 from lps_jax.evaluation import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def test_results_dir_and_cache_units(tmp_path):
     results.ResultsDir(str(tmp_path / 'r'), {'a': 2, 'b': [1, 2]})
   d.write_json('x.json', {'v': np.float32(0.5), 'n': np.int64(3)})   # numpy scalars too
   assert json.load(open(d.file('x.json'))) == {'v': 0.5, 'n': 3}
-  cache = results.Cache(str(tmp_path / 'c'))
+  cache = cache_lib.Cache(str(tmp_path / 'c'))
   calls = []
   compute = lambda: calls.append(1) or {'x': np.arange(3)}
   np.testing.assert_array_equal(cache.arrays({'k': 1}, compute)['x'], np.arange(3))
@@ -146,7 +147,7 @@ def test_results_dir_and_cache_units(tmp_path):
   assert len(calls) == 1
   cache.arrays({'k': 2}, compute)
   assert len(calls) == 2
-  assert results.fingerprint(np.zeros(3)) != results.fingerprint(np.zeros(4))
+  assert cache_lib.fingerprint(np.zeros(3)) != cache_lib.fingerprint(np.zeros(4))
 
 
 def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 
 from lps_jax.training import data
 from lps_jax.zoo import manifest, stage
-from lps_jax.methods import whole_network
+from lps_jax.zoo import probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--runs_per_task=2', '--epochs=2', '--lr_boundaries=1', '--widths=4,8,8',
@@ -32,8 +32,8 @@ def test_staged_parts_hold_the_full_folders_tasks(data_dir, tmp_path):
   np.testing.assert_array_equal(part.train_labels, full.train_labels)
   whole_test = data.load_npz_dir(data_dir, train=False)[1]        # every part carries the
   part_whole = data.load_npz_dir(str(tmp_path / 'part_1'), train=False)[1]   # probe batch
-  np.testing.assert_array_equal(whole_network.probe_images(part_whole.images, part_whole.labels),
-                                whole_network.probe_images(whole_test.images, whole_test.labels))
+  np.testing.assert_array_equal(probe.probe_images(part_whole.images, part_whole.labels),
+                                probe.probe_images(whole_test.images, whole_test.labels))
 
 
 def test_gpu_script_dry_run_on_cpu(data_dir, tmp_path):

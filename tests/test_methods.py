@@ -11,7 +11,8 @@ import pytest
 from lps_jax.methods import probes as baselines
 from lps_jax.methods import registry as methods
 from lps_jax.training import modelset
-from lps_jax.evaluation import protocols, results
+from lps_jax.common import cache as cache_lib
+from lps_jax.evaluation import protocols
 from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel, validation_rows
 
 
@@ -57,7 +58,7 @@ def test_whole_chain_matching_is_exactly_invariant_to_resnet_symmetry():
   its channel groups permuted (the residual stream shared across blocks) gets the same
   features, bit for bit."""
   from lps_jax.training import resnet
-  probe = methods.build(methods.get('rebasin_chain'), SecondOrderConfig(), 2)
+  probe = methods.get('rebasin_chain').build(SecondOrderConfig(), 2)
   names = resnet.conv_layer_names()[:7]
   variables = [resnet.init_variables(jax.random.PRNGKey(i)) for i in range(4)]
   permuted = [resnet.random_permutation(v, jax.random.PRNGKey(10 + i))
@@ -101,13 +102,13 @@ def test_every_registered_method_fits_predicts_and_embeds(name):
   base = SecondOrderConfig(num_filters=4, epochs=3, lr_boundaries=(2,), learning_rate=0.01)
   if m.reads_networks:   # fitted on whole networks in test_whole_network; kernels are refused
     with pytest.raises(modelset.ModelSetError, match='pass the full model set folder'):
-      methods.build(m, base, 4).fit(kernels, y)
+      m.build(base, 4).fit(kernels, y)
     return
   if m.num_layers(base) > 1:   # fusion: three layers; the stage-1 chain: seven
     extra = [rng.normal(size=(y.size, 3, 3, 8, 8)).astype(np.float32)
              for _ in range(m.num_layers(base) - 1)]
     kernels = kernels + extra
-  model = methods.build(m, base, 4)
+  model = m.build(base, 4)
   model.fit(kernels, y)
   p = model.predict(kernels)
   assert p.shape == (y.size, 4) and np.all(np.isfinite(p))
@@ -213,7 +214,7 @@ def test_ensemble_averages_its_members_and_reuses_their_cached_networks(tmp_path
   rng = np.random.default_rng(4)
   kernels, y = _toy(rng)
   base = SecondOrderConfig(num_filters=4, epochs=2, lr_boundaries=(), learning_rate=0.01)
-  cache = results.Cache(str(tmp_path))
+  cache = cache_lib.Cache(str(tmp_path))
   ens = protocols.fit('lps_gram', base, 4, kernels, y, cache)
   calls = []
   lps = protocols.fit('lps', base, 4, kernels, y, cache, progress=lambda *a: calls.append(a))
@@ -223,4 +224,13 @@ def test_ensemble_averages_its_members_and_reuses_their_cached_networks(tmp_path
                              (lps.predict(kernels) + gram.predict(kernels)) / 2, rtol=1e-6)
   cos = lambda m: m.embed(kernels) @ m.embed(kernels).T
   np.testing.assert_allclose(cos(ens), (cos(lps) + cos(gram)) / 2, rtol=1e-5, atol=1e-6)
-  assert methods.fit_count(methods.get('lps_gram'), base) == 2 + 1
+  assert methods.get('lps_gram').fit_count(base) == 2 + 1
+
+
+def test_every_registered_method_builds_an_estimator_of_the_one_interface():
+  from lps_jax.methods import interface
+  for name, m in methods.REGISTRY.items():
+    assert isinstance(m, interface.Method), name
+    assert m.reads in (interface.READS_KERNELS, interface.READS_NETWORKS,
+                       interface.READS_OUTPUTS), name
+    assert isinstance(m.build(SecondOrderConfig(), 3), interface.Estimator), name

@@ -170,7 +170,7 @@ def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sl
   equal to the functional reference of the float32 models; safetensors, readable anywhere."""
   from safetensors.numpy import load_file
   root, whole_run, _ = sliced
-  got = slice_models.load_whole(str(root))
+  got = manifest.load_whole(str(root))
   want = whole_run.select(np.flatnonzero(whole_run.task_id == 2))
   np.testing.assert_array_equal(got.models.task_id, want.task_id)
   np.testing.assert_array_equal(got.models.run, want.run)
@@ -194,7 +194,7 @@ def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sl
   assert record['whole']['bytes'] == os.path.getsize(root / 'tasks_02-02' / slice_models.MODELS)
   assert json.load(open(root / 'tasks_00-01' / 'slice.json'))['whole'] is None
   with pytest.raises(modelset.ModelSetError, match=r'tasks \[0\] have no whole models'):
-    slice_models.load_whole(str(root), tasks=[0, 2])
+    manifest.load_whole(str(root), tasks=[0, 2])
   with pytest.raises(data.DataError, match=r'classes \[2, 3, 4, 5, 6\] have fewer'):
     slice_models.check_probe(np.repeat([0, 1], 2))     # a folder of one task's classes
 
@@ -218,4 +218,4 @@ def test_whole_network_methods_run_on_a_folder_of_slices(sliced, tmp_path):
   blob = bad / 'tasks_02-02' / slice_models.MODELS
   blob.write_bytes(blob.read_bytes()[:-10])
   with pytest.raises(slices.SliceError, match='models.safetensors does not match the digest'):
-    slice_models.load_whole(str(bad))
+    manifest.load_whole(str(bad))

@@ -13,6 +13,7 @@ from lps_jax.symmetry import permutations
 from lps_jax.evaluation import protocols
 from lps_jax.training import resnet
 from lps_jax.methods import whole_network
+from lps_jax.zoo import probe
 from lps_jax.align.fit import SecondOrderConfig
 
 TINY = resnet.ResNetConfig((2, 1, 1), (4, 6, 8))   # with shortcut convs in stages 2 and 3
@@ -80,9 +81,9 @@ def test_aligner_maps_permuted_copies_to_the_same_aligned_models_bit_for_bit():
 
 
 def test_aligner_caches_its_work(tmp_path):
-  from lps_jax.evaluation import results
+  from lps_jax.common import cache as cache_lib
   stack, _ = _stack(2, 3)
-  cache = results.Cache(str(tmp_path))
+  cache = cache_lib.Cache(str(tmp_path))
   first = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
   assert len(list(tmp_path.glob('*.npz'))) == 2          # the reference, the permutations
   again = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
@@ -95,7 +96,7 @@ def test_aligned_probe_is_invariant_and_beats_chance_where_the_unaligned_one_can
   train = np.flatnonzero(np.tile(np.arange(6), 4) < 4)
   test = np.setdiff1d(np.arange(len(task_id)), train)
   cfg = SecondOrderConfig()
-  probe = methods.build(methods.get('wn_probe'), cfg, 4)
+  probe = methods.get('wn_probe').build(cfg, 4)
   probe.fit(stack.take(train), task_id[train])
   p = probe.predict(stack.take(test))
   np.testing.assert_allclose(p, probe.predict(_permuted(stack.take(test), 3)), atol=1e-12)
@@ -121,22 +122,22 @@ def test_probe_logits_are_the_models_outputs_and_a_function_of_the_network():
   from lps_jax.training import data
   stack, _ = _stack(1, 2)
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-  logits = whole_network.probe_logits(stack, images)
+  logits = probe.probe_logits(stack, images)
   want = resnet.ResNet(TINY).apply(permutations.unflatten(stack.model_flats()[1]),
                                    data.normalize(images), train=False)
   np.testing.assert_allclose(logits[1], np.asarray(want).reshape(-1), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(whole_network.probe_logits(_permuted(stack, 2), images), logits,
+  np.testing.assert_allclose(probe.probe_logits(_permuted(stack, 2), images), logits,
                              rtol=1e-4, atol=1e-5)
   labels = np.repeat(np.arange(3), 2)
-  assert whole_network.probe_images(np.arange(6), labels, 2).tolist() == list(range(6))
+  assert probe.probe_images(np.arange(6), labels, 2).tolist() == list(range(6))
   with pytest.raises(ValueError, match='fewer than 3 images'):
-    whole_network.probe_images(np.arange(6), labels, 3)
+    probe.probe_images(np.arange(6), labels, 3)
 
 
 def test_whole_network_methods_refuse_kernel_lists_in_one_line():
   stack, task_id = _stack(2, 2)
   for name in ('wn_probe', 'wn_invariant', 'wn_lps'):
-    model = methods.build(methods.get(name), SecondOrderConfig(), 2)
+    model = methods.get(name).build(SecondOrderConfig(), 2)
     with pytest.raises(modelset.ModelSetError, match='pass the full model set folder'):
       model.fit(list(stack[:stack.num_conv]), task_id)
 

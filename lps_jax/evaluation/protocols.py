@@ -2,7 +2,7 @@
 
 All take plain arrays: `kernels`, a list over first-order conv layers of (M, h, w, c, g)
 stacks (entries for layers with zero weight may be None), and `task_id` (M,). With a
-`results.Cache`, trained second-order networks are stored under a key naming their config and a
+`common.cache.Cache`, trained second-order networks are stored under a key naming their config and a
 hash of their training data, and reused by any later run that needs the same network.
 
 Also the experiments built on them: per-branch accuracy (Sec. 5.4, Fig. 3b), the alignment
@@ -18,7 +18,8 @@ import numpy as np
 from lps_jax.methods import registry as methods
 from lps_jax.evaluation import metrics
 from lps_jax.training import modelset
-from lps_jax.evaluation import results, transfer
+from lps_jax.common import cache as cache_lib
+from lps_jax.evaluation import transfer
 from lps_jax.align.fit import SecondOrderConfig
 from lps_jax.common.errors import UserError
 
@@ -83,33 +84,13 @@ def retrieval_split(task_id: np.ndarray, test_tasks: int = 10, query_per_task: i
 
 
 def fit(method: methods.Method | str, config: SecondOrderConfig, num_classes: int, kernels,
-        labels, cache: Optional[results.Cache] = None, progress: Optional[Callable] = None):
-  """A fitted model of `method` (a `methods.REGISTRY` name or entry) on `kernels` / `labels`.
-
-  Second-order networks are loaded from `cache` if this exact training ran before (then
-  `progress(epochs, None)` is called once, so progress bars stay true).
-  """
+        labels, cache: Optional[cache_lib.Cache] = None, progress: Optional[Callable] = None):
+  """A fitted estimator of `method` (a `methods.REGISTRY` name or entry) on `kernels` /
+  `labels`; with `cache`, what the method keeps there (second-order networks, whole-network
+  alignments) is reused when this exact training ran before."""
   method = methods.get(method) if isinstance(method, str) else method
-  if method.kind == 'ensemble':   # each member through the cache
-    return methods.Ensemble([fit(m, config, num_classes, kernels, labels, cache, progress)
-                             for m in method.members])
-  model = methods.build(method, config, num_classes, cache)
-  if method.kind != 'second_order' or cache is None:
-    model.fit(kernels, labels, progress=progress)
-    return model
-  cfg = model.config
-  key = {'kind': 'second_order_variables', 'config': dataclasses.asdict(cfg),
-         'num_classes': num_classes,
-         'data': results.fingerprint(np.asarray(labels), *[np.asarray(kernels[i])
-                                                           for i in cfg.active_layers()])}
-  blob = cache.get_bytes(key)
-  if blob is not None:
-    model.from_bytes(kernels, blob)
-    if progress is not None:
-      progress(cfg.epochs, None)
-    return model
+  model = method.build(config, num_classes, cache)
   model.fit(kernels, labels, progress=progress)
-  cache.put_bytes(key, model.to_bytes())
   return model
 
 
@@ -127,7 +108,7 @@ def _check_layers(layers, num_layers: int) -> list[int]:
 
 def run_branches(kernels, task_id, config: SecondOrderConfig, layers,
                  split_seed: int = 0, progress: Optional[Callable] = None,
-                 cache: Optional[results.Cache] = None, method: str = 'lps') -> dict:
+                 cache: Optional[cache_lib.Cache] = None, method: str = 'lps') -> dict:
   """Fig. 3b: one branch at a time (w_l = 1 for l = l', else 0), task classification, read
   by `method` (LPS; 'wn_branch' on whole-network-aligned kernels).
 
@@ -144,7 +125,7 @@ def run_branches(kernels, task_id, config: SecondOrderConfig, layers,
 def run_alignment_ablation(kernels, task_id, config: SecondOrderConfig, layers,
                            split_seed: int = 0, variants=ALIGNMENT_VARIANTS,
                            progress: Optional[Callable] = None,
-                           cache: Optional[results.Cache] = None) -> dict:
+                           cache: Optional[cache_lib.Cache] = None) -> dict:
   """Fig. 3c: for each branch >= 2, no alignment / filter (Eq. 8) / channel (Eq. 6) / both.
 
   Returns {variant label: {layer: accuracies}}. The first layer has no channel alignment
@@ -166,7 +147,7 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
                  config: SecondOrderConfig, split_seed: int = 0,
                  test_tasks: int = 10, num_permutations: int = 10000,
                  progress: Optional[Callable] = None, feature_progress: Optional[Callable] = None,
-                 cache: Optional[results.Cache] = None) -> dict:
+                 cache: Optional[cache_lib.Cache] = None) -> dict:
   """Sec. 5.3: parameter similarity vs transferability over the held-out tasks' pairs.
 
   The second-order network is trained in the retrieval setting (on the train tasks); the
@@ -210,7 +191,7 @@ def _seeded(config: SecondOrderConfig, split_seed: int) -> SecondOrderConfig:
 def run_classification(kernels, task_id, method: str, config: SecondOrderConfig,
                        split_seed: int = 0, ks=(1, 5, 10),
                        progress: Optional[Callable] = None,
-                       cache: Optional[results.Cache] = None) -> dict:
+                       cache: Optional[cache_lib.Cache] = None) -> dict:
   """Table 1 for one method and split: top-k accuracy on the held-out models of each task."""
   split = classification_split(task_id, seed=split_seed)
   tasks = np.unique(task_id)
@@ -224,7 +205,7 @@ def run_classification(kernels, task_id, method: str, config: SecondOrderConfig,
 def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
                   split_seed: int = 0, test_tasks: int = 10, ks=(1, 5, 10),
                   progress: Optional[Callable] = None,
-                  cache: Optional[results.Cache] = None) -> dict:
+                  cache: Optional[cache_lib.Cache] = None) -> dict:
   """Table 2 for one method and split: CMC rank-k and mAP of query vs gallery models."""
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   model = fit(method, _seeded(config, split_seed), split.train_tasks.size,
@@ -242,7 +223,7 @@ def _shapes(kernels, layers) -> list:
 def run_cross_architecture(kernels, task_id, other_kernels, other_task_id, method: str,
                            config: SecondOrderConfig, split_seed: int = 0, ks=(1, 5, 10),
                            progress: Optional[Callable] = None,
-                           cache: Optional[results.Cache] = None) -> dict:
+                           cache: Optional[cache_lib.Cache] = None) -> dict:
   """Different networks (the paper's stated disadvantage): `method` fitted on every model of
   one architecture names the tasks of another architecture's models; top-k over the first
   set's tasks. A method whose features depend on the channel counts is refused when the

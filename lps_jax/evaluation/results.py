@@ -1,56 +1,24 @@
-"""Results directories and a content-addressed cache of finished work.
+"""Results directories: a folder of results tied to one configuration.
 
 - `ResultsDir` guards a results folder: the first run writes `config.json`; a later run with a
   different configuration is refused (its results are never overwritten), one with the same
   configuration rewrites them (and reuses the cache).
-- `Cache` stores finished pieces (trained second-order networks, feature statistics) under the
-  SHA-256 of a JSON key that names everything they depend on, so a hit can only come from the
-  same inputs and a killed run resumes where it stopped. Writes are atomic (tmp + rename).
+- Finished pieces of work are kept in `common.cache.Cache` (content-addressed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 
-from lps_jax.common import locks
-from lps_jax.common import files
+from lps_jax.common import files, locks
+from lps_jax.common.cache import canonical
 from lps_jax.common.errors import UserError
 
 
 class ResultsError(UserError):
   """A results folder that cannot be used as asked; the message says what to do."""
-
-
-def _canonical(obj: Any) -> Any:
-  if isinstance(obj, dict):
-    return {str(k): _canonical(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_canonical(v) for v in obj]
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (np.floating,)):
-    return float(obj)
-  return obj
-
-
-def digest(key: Any) -> str:
-  """SHA-256 (hex, first 20 chars) of a JSON-able key."""
-  text = json.dumps(_canonical(key), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-  """Content hash of arrays (shape, dtype and bytes): identifies a model set's data."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f'{a.shape}{a.dtype}'.encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:20]
 
 
 def _read_json(path: str, remedy: str) -> Any:
@@ -61,45 +29,6 @@ def _read_json(path: str, remedy: str) -> Any:
       raise ResultsError(f'{path} is corrupt ({e}); {remedy}.') from e
 
 
-class Cache:
-  """Content-addressed store: `get_bytes` / `put_bytes` and `arrays` (compute once, npz)."""
-
-  def __init__(self, root: str):
-    self.root = root
-    os.makedirs(root, exist_ok=True)
-
-  def _path(self, key: Any, suffix: str) -> str:
-    return os.path.join(self.root, digest(key) + suffix)
-
-  def get_bytes(self, key: Any) -> Optional[bytes]:
-    path = self._path(key, '.bin')
-    if not os.path.exists(path):
-      return None
-    with open(path, 'rb') as f:
-      return f.read()
-
-  def put_bytes(self, key: Any, data: bytes) -> None:
-    files.write_bytes(self._path(key, '.bin'), data)
-    files.write_bytes(self._path(key, '.json'),
-                  json.dumps(_canonical(key), indent=1, sort_keys=True).encode())
-
-  def arrays(self, key: Any, compute: Callable[[], dict]) -> dict:
-    """`compute()` (a dict of arrays) once per key; later calls load the stored npz."""
-    path = self._path(key, '.npz')
-    if os.path.exists(path):
-      try:
-        with np.load(path) as f:
-          return {k: f[k] for k in f.files}
-      except (OSError, ValueError):  # Corrupt (e.g. a disk filled mid-write): recompute.
-        os.remove(path)
-    out = compute()
-    with files.atomic_path(path, '.npz') as tmp:
-      np.savez(tmp, **out)
-    files.write_bytes(self._path(key, '.json'),
-                  json.dumps(_canonical(key), indent=1, sort_keys=True).encode())
-    return out
-
-
 class ResultsDir:
   """A results folder tied to one configuration (a JSON-able dict), written to `config.json`."""
 
@@ -107,7 +36,7 @@ class ResultsDir:
 
   def __init__(self, path: str, config: dict):
     self.path = path
-    self.config = _canonical(config)
+    self.config = canonical(config)
     cfg_path = os.path.join(path, self.CONFIG)
     # Held until this object goes (the run ends): a second run on the folder stops at once
     # (this process may open it again).
@@ -129,7 +58,7 @@ class ResultsDir:
     return os.path.join(self.path, name)
 
   def write_json(self, name: str, obj: Any) -> None:
-    files.write_bytes(self.file(name), json.dumps(_canonical(obj), indent=1).encode())
+    files.write_bytes(self.file(name), json.dumps(canonical(obj), indent=1).encode())
 
   def write_text(self, name: str, text: str) -> None:
     files.write_bytes(self.file(name), text.encode())

@@ -20,7 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from lps_jax.training import data as data_lib
 from lps_jax.training import resnet
-from lps_jax.evaluation import results
+from lps_jax.common import cache as cache_lib
 from lps_jax.common.errors import UserError
 
 
@@ -92,7 +92,7 @@ def transferability(params, batch_stats, task_id: np.ndarray, images: np.ndarray
 
   Every model of the source task extracts pooled features of all target tasks' images; 2-means
   per target, ARI against the target's labels, averaged over the source's models. With a
-  `results.Cache`, each source task's row is stored under a hash of its models and the images.
+  `cache_lib.Cache`, each source task's row is stored under a hash of its models and the images.
   `progress(done, total)` is called after each source task.
   """
   task_id = np.asarray(task_id)
@@ -123,8 +123,8 @@ def transferability(params, batch_stats, task_id: np.ndarray, images: np.ndarray
       scores = compute()['ari']
     else:
       key = {'kind': 'transfer_ari', 'source': source, 'targets': tasks, 'seed': seed,
-             'models': results.fingerprint(*jax.tree_util.tree_leaves((p, b))),
-             'images': results.fingerprint(all_images)}
+             'models': cache_lib.fingerprint(*jax.tree_util.tree_leaves((p, b))),
+             'images': cache_lib.fingerprint(all_images)}
       scores = cache.arrays(key, compute)['ari']
     ari[i] = scores.mean(axis=0)  # NaN stays on the diagonal only.
     if progress is not None:

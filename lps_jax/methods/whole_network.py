@@ -10,8 +10,8 @@ channel symmetry (`resnet.permutation_spec`) is resolved for all layers jointly,
   FlatProbe     standardised, flattened arrays (by path prefix) + multinomial logistic
                 regression: on aligned weights the linear probe of all layers and the FC, on
                 `functional/` arrays the functional reference;
-  probe_logits  the functional reference's features (not weight-space): each model's logits
-                on a fixed batch of probe images.
+The functional reference's features (each model's logits on a fixed batch of probe images, not
+weight-space) are computed where the zoo records them: `lps_jax.zoo.probe`.
 
 Inputs are `modelset.NetworkStack`s (all variables of M models, conv kernels first).
 """
@@ -20,16 +20,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Sequence
 
-import jax
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from lps_jax.training import data as data_lib
 from lps_jax.training import modelset
 from lps_jax.symmetry import permutations
-from lps_jax.training import resnet
-from lps_jax.evaluation import results
+from lps_jax.common import cache as cache_lib
 from lps_jax.training.modelset import NetworkStack
 from lps_jax.common.errors import UserError
 
@@ -46,7 +43,7 @@ def _objective(stack: NetworkStack) -> list[np.ndarray]:
 
 class Aligner:
   """Weight matching of whole networks to a reference fitted on training models. With a
-  `results.Cache`, the reference and each stack's permutations are kept (content-addressed)."""
+  `cache_lib.Cache`, the reference and each stack's permutations are kept (content-addressed)."""
 
   def __init__(self, reference_models: int = 50, rounds: int = 2, seed: int = 0, cache=None):
     self.reference_models, self.rounds, self.seed, self.cache = reference_models, rounds, seed, cache
@@ -64,7 +61,7 @@ class Aligner:
     self.spec = stack.spec()
     chosen = stack.take(rows)
     key = {'kind': 'wn_reference', 'rounds': self.rounds, 'seed': self.seed,
-           'models': results.fingerprint(*_objective(chosen))}
+           'models': cache_lib.fingerprint(*_objective(chosen))}
     def compute():
       logging.info('whole-network alignment: a reference from %d training models, %d rounds',
                    len(rows), self.rounds)
@@ -90,8 +87,8 @@ class Aligner:
       return {g: np.stack([p[g] for p in found]) for g in groups}
 
     key = {'kind': 'wn_perms', 'seed': self.seed,
-           'reference': results.fingerprint(*[self.reference[k] for k in sorted(self.reference)]),
-           'models': results.fingerprint(*_objective(stack))}
+           'reference': cache_lib.fingerprint(*[self.reference[k] for k in sorted(self.reference)]),
+           'models': cache_lib.fingerprint(*_objective(stack))}
     stacked = self._cached(key, compute)
     return [{g: stacked[g][m] for g in groups} for m in range(len(stack[0]))]
 
@@ -165,27 +162,3 @@ class FlatProbe:
   def embed(self, stack) -> np.ndarray:
     z = self.clf.decision_function(self._z(stack))
     return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-
-
-def probe_images(images: np.ndarray, labels: np.ndarray, per_class: int = 2) -> np.ndarray:
-  """The first `per_class` images of every class, in class order: a fixed probe batch."""
-  classes = np.unique(labels)
-  rows = [np.flatnonzero(labels == c)[:per_class] for c in classes]
-  short = [int(c) for c, r in zip(classes, rows) if r.size < per_class]
-  if short:
-    raise UserError(f'classes {short[:5]} have fewer than {per_class} images for the probe.')
-  return images[np.concatenate(rows)]
-
-
-def probe_logits(stack: NetworkStack, images: np.ndarray) -> np.ndarray:
-  """(M, N * classes): each model's logits on the N uint8 probe images, flattened. The
-  functional reference: what the models compute, not how their weights look."""
-  stack = _need_stack(stack)
-  model = resnet.ResNet(resnet.ResNetConfig.from_dict(stack.model))
-  forward = jax.jit(lambda v, x: model.apply(v, data_lib.normalize(x), train=False))
-  out = []
-  for flat in stack.model_flats():
-    variables = permutations.unflatten({k: v for k, v in flat.items()
-                                        if k.startswith(('params/', 'batch_stats/'))})
-    out.append(np.asarray(forward(variables, images)).reshape(-1))
-  return np.stack(out)

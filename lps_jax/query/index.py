@@ -25,12 +25,11 @@ from lps_jax.common import files
 from lps_jax.common.errors import UserError
 
 FORMAT = 1
-KINDS = ('second_order', 'probe')   # what an index can hold
 
 
 def method_names() -> list[str]:
   """The methods an index can be built with."""
-  return [n for n, m in methods.REGISTRY.items() if m.kind in KINDS]
+  return [n for n, m in methods.REGISTRY.items() if m.indexable]
 
 
 class QueryError(UserError):
@@ -64,13 +63,13 @@ def build(kernels: Sequence[np.ndarray], task_id: np.ndarray, run: np.ndarray,
   """Trains `method` (a second-order or probe method of `methods.REGISTRY`) on all models,
   every task a class, and embeds them."""
   m = methods.get(method)
-  if m.kind not in KINDS:
+  if not m.indexable:
     raise UserError(f'an index needs a second-order or probe method ({", ".join(method_names())}'
-                     f'); {method!r} is a {m.kind}.')
+                    f'); {method!r} cannot be kept in an index.')
   cfg = m.config(config)
   tasks = np.unique(task_id)
   labels = np.searchsorted(tasks, task_id).astype(np.int32)
-  model = methods.build(m, cfg, tasks.size)
+  model = m.build(cfg, tasks.size)
   model.fit(kernels, labels, progress=progress)
   num_layers = m.num_layers(cfg)
   return Index(method, cfg, tasks, [list(np.asarray(k).shape[1:]) for k in kernels[:num_layers]],
@@ -107,7 +106,7 @@ def load(path: str) -> Index:
     cfg = SecondOrderConfig(**resnet.tuples_from_json(meta['config']))
     with np.load(os.path.join(path, 'embeddings.npz')) as f:
       emb, task_id, run = f['embeddings'], f['task_id'], f['run']
-    model = methods.build(methods.get(meta['method']), cfg, len(meta['tasks']))
+    model = methods.get(meta['method']).build(cfg, len(meta['tasks']))
     if isinstance(model, baselines.FeatureProbe):
       with np.load(os.path.join(path, 'probe.npz')) as f:
         model.load_state({k: f[k] for k in f.files})

@@ -3,17 +3,20 @@
 `check(root)`: every slice readable and matching its digest, one recipe / seed / model for all
 (only the tasks differ), no task twice, the gaps listed. `merge(root, path)` writes the tasks
 present as one kernels file in `modelset.export_kernels`' format, which every `lps_main` /
-`lps_query` command takes.
+`lps_query` command takes. `load_whole(root)` assembles the models the slices keep whole into
+one model set.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 
 from lps_jax.common import files
-
+from lps_jax.training import modelset
+from lps_jax.zoo import whole_models
 from lps_jax.zoo.slice_folder import NUM_TASKS, SliceError, read
 
 
@@ -119,3 +122,53 @@ def manifest_markdown(manifest: dict) -> str:
             f'`lps_jax.zoo.whole_models`): {_ranges(whole) if whole else "none"}.',
             f'Missing tasks: {manifest["missing"] or "none"}.']
   return '\n'.join(lines) + '\n'
+
+
+def is_slices_root(path: str) -> bool:
+  """Whether `path` is a folder of slices (tasks_* folders), e.g. results/modelset500."""
+  return os.path.isdir(path) and any(
+      d.startswith('tasks_') and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
+
+
+def whole_slices(root: str) -> list[str]:
+  """The slice folders under `root` that keep their models whole, in task order."""
+  return sorted(os.path.join(root, d) for d in os.listdir(root)
+                if d.startswith('tasks_') and os.path.isfile(os.path.join(root, d, whole_models.MODELS)))
+
+
+def load_whole(root: str, tasks: Optional[Sequence[int]] = None) -> whole_models.WholeModels:
+  """Every whole model under slices folder `root` (of `tasks`, default all whole ones), task
+  major, runs in order, checked against each slice's digest (`slice_folder.read`)."""
+  folders = whole_slices(root)
+  if not folders:
+    raise modelset.ModelSetError(
+        f'{root} holds no slice with whole models ({whole_models.MODELS}; slices from task 12 on keep '
+        'them): pass a model set folder, or train a slice with train_population '
+        '--flagfile=experiments/flags/modelset500.flags --task_ids=A-B.')
+  parts = []
+  for folder in folders:
+    s = read(folder)   # checks the digests, the whole-model file's included
+    if tasks is None or set(s.tasks) & set(tasks):
+      parts.append(whole_models.read(os.path.join(folder, whole_models.MODELS)))
+  if tasks is not None:
+    have = sorted({int(t) for p in parts for t in p.models.task_id})
+    missing = sorted(set(tasks) - set(have))
+    if missing:
+      raise modelset.ModelSetError(f'{root}: tasks {missing} have no whole models (whole: '
+                                   f'{have}); choose among those.')
+  recipes = {json.dumps({k: v for k, v in p.models.config.items() if k != 'task_ids'},
+                        sort_keys=True) for p in parts}
+  if len(recipes) > 1:
+    raise modelset.ModelSetError(f'{root}: the whole slices were trained with different '
+                                 'recipes; one model set has one recipe.')
+  ms = modelset.concatenate([p.models for p in parts])
+  order = np.lexsort((ms.run, ms.task_id))
+  if tasks is not None:
+    order = order[np.isin(ms.task_id[order], tasks)]
+  ms = ms.select(order)
+  ms.config = dict(ms.config, task_ids=sorted({int(t) for t in ms.task_id}))
+  logits = (np.concatenate([p.logits for p in parts])[order]
+            if all(p.logits is not None for p in parts) else None)
+  epochs = set.intersection(*[set(p.trajectory) for p in parts])
+  trajectory = {e: np.concatenate([p.trajectory[e] for p in parts])[order] for e in sorted(epochs)}
+  return whole_models.WholeModels(ms, logits, trajectory)

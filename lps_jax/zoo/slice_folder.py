@@ -210,7 +210,7 @@ def read(folder: str) -> Slice:
     raise SliceError(f'slice {folder}: arrays {bad} do not hold its {n} models of tasks '
                      f'{tasks}; re-export it.')
   for k, v in arrays.items():
-    if v.dtype.kind == 'f' and not np.all(np.isfinite(v)):
+    if np.issubdtype(v.dtype, np.floating) and not np.all(np.isfinite(v)):
       raise SliceError(f'slice {folder}: {k} holds NaN/Inf weights; retrain the slice.')
   return Slice(folder, record, arrays)
 

@@ -7,7 +7,7 @@
         (in, out)), float16, except 'params/conv1/kernel', float32 and exact as kernels.npz;
   probe/logits
         float32 (M, N, classes): each model's logits, computed in float32 before the cast, on
-        the functional reference's fixed probe batch (`whole_network.probe_images` of the
+        the functional reference's fixed probe batch (`zoo.probe.probe_images` of the
         CIFAR-100 test split: the first 2 images of each of the 100 classes, class order);
   trajectory/conv1/epoch_EEEE
         float32 (M, 3, 3, 3, 16): the first layer after epoch EEEE, for each epoch the trainer
@@ -15,14 +15,14 @@
 
 Metadata (strings): format, task_id / run / seed (JSON lists, one per model), recipe (the
 PopulationConfig JSON), layout, probe, trajectory_epochs. `read` returns a `modelset.ModelSet`
-(float32) plus the logits and trajectory; `load_whole` assembles the slices of a folder that
+(float32) plus the logits and trajectory; `manifest.load_whole` assembles the slices of a folder that
 have the file into one model set, the form every whole-network method reads.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -35,7 +35,7 @@ MODELS = 'models.safetensors'
 FORMAT = 'lps-jax/modelset-whole/1'
 EXACT = ('params/conv1/kernel',)     # kept float32: the first layer every LPS method reads
 LOGITS = 'probe/logits'
-PROBE_PER_CLASS = 2                  # as the functional reference (whole_network.probe_images)
+PROBE_PER_CLASS = 2                  # as the functional reference (zoo.probe)
 TRAJECTORY = 'trajectory/conv1/epoch_'
 LAYOUT = ('model axis first; Flax variable paths; conv kernels HWIO (h, w, c_in, c_out), '
           'FC kernel (in, out); float16 except params/conv1/kernel (float32)')
@@ -127,59 +127,8 @@ def check_probe(test_labels: np.ndarray) -> None:
 def probe_logits(result: modelset.ModelSet, test_images: np.ndarray,
                  test_labels: np.ndarray) -> np.ndarray:
   """(M, N, classes) float32: each model's logits on the probe batch of the test split."""
-  from lps_jax.methods import whole_network
+  from lps_jax.zoo import probe as probe_lib
   check_probe(test_labels)
-  probe = whole_network.probe_images(test_images, test_labels, PROBE_PER_CLASS)
-  flat = whole_network.probe_logits(modelset.network_stack(result), probe)
+  probe = probe_lib.probe_images(test_images, test_labels, PROBE_PER_CLASS)
+  flat = probe_lib.probe_logits(modelset.network_stack(result), probe)
   return flat.reshape(len(result), len(probe), -1).astype(np.float32)
-
-
-def is_slices_root(path: str) -> bool:
-  """Whether `path` is a folder of slices (tasks_* folders), e.g. results/modelset500."""
-  return os.path.isdir(path) and any(
-      d.startswith('tasks_') and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
-
-
-def whole_slices(root: str) -> list[str]:
-  """The slice folders under `root` that keep their models whole, in task order."""
-  return sorted(os.path.join(root, d) for d in os.listdir(root)
-                if d.startswith('tasks_') and os.path.isfile(os.path.join(root, d, MODELS)))
-
-
-def load_whole(root: str, tasks: Optional[Sequence[int]] = None) -> WholeModels:
-  """Every whole model under slices folder `root` (of `tasks`, default all whole ones), task
-  major, runs in order, checked against each slice's digest (`slices.read`)."""
-  from lps_jax.zoo import slice_folder as slices
-  folders = whole_slices(root)
-  if not folders:
-    raise modelset.ModelSetError(
-        f'{root} holds no slice with whole models ({MODELS}; slices from task 12 on keep '
-        'them): pass a model set folder, or train a slice with train_population '
-        '--flagfile=experiments/flags/modelset500.flags --task_ids=A-B.')
-  parts = []
-  for folder in folders:
-    s = slices.read(folder)   # checks the digests, the whole-model file's included
-    if tasks is None or set(s.tasks) & set(tasks):
-      parts.append(read(os.path.join(folder, MODELS)))
-  if tasks is not None:
-    have = sorted({int(t) for p in parts for t in p.models.task_id})
-    missing = sorted(set(tasks) - set(have))
-    if missing:
-      raise modelset.ModelSetError(f'{root}: tasks {missing} have no whole models (whole: '
-                                   f'{have}); choose among those.')
-  recipes = {json.dumps({k: v for k, v in p.models.config.items() if k != 'task_ids'},
-                        sort_keys=True) for p in parts}
-  if len(recipes) > 1:
-    raise modelset.ModelSetError(f'{root}: the whole slices were trained with different '
-                                 'recipes; one model set has one recipe.')
-  ms = modelset.concatenate([p.models for p in parts])
-  order = np.lexsort((ms.run, ms.task_id))
-  if tasks is not None:
-    order = order[np.isin(ms.task_id[order], tasks)]
-  ms = ms.select(order)
-  ms.config = dict(ms.config, task_ids=sorted({int(t) for t in ms.task_id}))
-  logits = (np.concatenate([p.logits for p in parts])[order]
-            if all(p.logits is not None for p in parts) else None)
-  epochs = set.intersection(*[set(p.trajectory) for p in parts])
-  trajectory = {e: np.concatenate([p.trajectory[e] for p in parts])[order] for e in sorted(epochs)}
-  return WholeModels(ms, logits, trajectory)
