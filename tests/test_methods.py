@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lps_jax.methods import probes as baselines
+from lps_jax.symmetry import matching, permutations
+from lps_jax.symmetry.permutations import PermutationSpec
 from lps_jax.methods import registry as methods
 from lps_jax.training import modelset
 from lps_jax.common import cache as cache_lib
@@ -46,9 +48,10 @@ def test_probe_features_are_invariant_to_permuting_hidden_units():
   np.testing.assert_allclose(baselines.gram(shuffled), baselines.gram(ks), rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(baselines.gram(ps[:1]), baselines.gram(ks[:1]), rtol=1e-10)
   # Weight matching undoes the permutation exactly (reference = the unpermuted network).
-  ref = [k[0] for k in ks]
-  np.testing.assert_allclose(baselines.rebasin_features(ps[:1], ref),
-                             baselines.rebasin_features(ks[:1], ref))
+  matcher = matching.WeightMatcher(PermutationSpec.from_axes({'l0': (None, None, None, 'g')}))
+  matcher.reference = {'l0': ks[0][0]}
+  np.testing.assert_allclose(baselines.matched_features(matcher, ps[:1], ['l0']),
+                             baselines.matched_features(matcher, ks[:1], ['l0']))
   # Raw weights are not invariant: the check above can fail.
   assert not np.allclose(ps[0], ks[0])
 
@@ -66,11 +69,16 @@ def test_whole_chain_matching_is_exactly_invariant_to_resnet_symmetry():
   stack = lambda vs: [np.stack([np.asarray(resnet.get_kernel(v['params'], n)) for v in vs])
                       for n in names]
   ks, ps = stack(variables), stack(permuted)
-  reference = baselines.chain_reference(probe.spec, ks, probe.paths)
-  a = baselines.chain_features(probe.spec, ks, probe.paths, reference)
-  b = baselines.chain_features(probe.spec, ps, probe.paths, reference)
+  probe.matcher.fit(permutations.unstack(dict(zip(probe.paths, ks))))
+  a = baselines.matched_features(probe.matcher, ks, probe.paths)
+  b = baselines.matched_features(probe.matcher, ps, probe.paths)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(ks[3], ps[3])     # the raw weights did change
+  # One matcher: `rebasin` reading the same layers is `rebasin_chain`, feature for feature.
+  seven = SecondOrderConfig(layer_weights=(1.0,) * 7)
+  chain, plain = (methods.get(n).build(seven, 2) for n in ('rebasin_chain', 'rebasin'))
+  both = [np.concatenate([k, p]) for k, p in zip(ks, ps)]
+  np.testing.assert_array_equal(chain._x(both), plain._x(both))
 
 
 def test_gram_and_weight_stats_match_plain_numpy():

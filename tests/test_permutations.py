@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from lps_jax.symmetry import matching as M
 from lps_jax.symmetry import permutations as P
 from lps_jax.training import resnet
 
@@ -48,7 +49,7 @@ def test_permuted_copy_is_matched_back_exactly_and_computes_the_same():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))
   np.testing.assert_allclose(model.apply(P.unflatten(a), x), model.apply(P.unflatten(b), x),
                              rtol=1e-5, atol=1e-5)
-  found = P.weight_matching(spec, _params(a), _params(b), np.random.default_rng(2))
+  found = M.weight_matching(spec, _params(a), _params(b), np.random.default_rng(2))
   back = P.apply(spec, found, b)
   for k in a:
     np.testing.assert_array_equal(back[k], a[k])      # bit for bit: a permutation is exact
@@ -59,7 +60,7 @@ def test_permuted_copy_is_matched_back_exactly_and_computes_the_same():
 def test_aligned_model_computes_the_same_function():
   spec = resnet.permutation_spec(TINY)
   a, b = _variables(0), _variables(5)
-  found = P.weight_matching(spec, _params(a), _params(b))
+  found = M.weight_matching(spec, _params(a), _params(b))
   aligned = P.apply(spec, found, b)
   assert any(not np.array_equal(aligned[k], b[k]) for k in b)   # it did permute something
   model = resnet.ResNet(TINY)
@@ -76,7 +77,7 @@ def test_weight_matching_is_coordinatewise_optimal():
   each group's linear assignment problem)."""
   spec = resnet.permutation_spec(TINY)
   a, b = _params(_variables(0)), _params(_variables(7))
-  found = P.weight_matching(spec, a, b)
+  found = M.weight_matching(spec, a, b)
   for g, axes in spec.perm_to_axes.items():
     n = len(found[g])
     gain = np.zeros((n, n))
@@ -97,7 +98,7 @@ def test_align_to_mean_undoes_random_permutations_of_noisy_copies():
   for i in range(4):
     noisy = {k: v + 0.01 * rng.standard_normal(v.shape) for k, v in base.items()}
     models.append(P.apply(spec, P.random_perms(spec, noisy, rng), noisy))
-  reference, perms = P.align_to_mean(spec, models)
+  reference, perms = M.align_to_mean(spec, models)
   aligned = [P.apply(spec, p, m) for p, m in zip(perms, models)]
   for m in aligned[1:]:    # all aligned to one another: only the noise differs
     for k in base:

@@ -13,17 +13,17 @@ kernels, fed to a logistic regression. None of them is learned end to end like L
   sort          sort canonicalisation: filters ordered by their L2 norm, the next layer's input
                 channels permuted to match (the canonical form of Schürholt et al., "Model
                 Zoos", NeurIPS 2022 Datasets and Benchmarks);
-  rebasin       weight matching (Ainsworth et al., "Git Re-Basin", ICLR 2023): each layer's
-                filters are assigned to a reference's by the Hungarian algorithm on their inner
-                products (input channels permuted by the previous layer's assignment); the
-                reference is the mean of the training models after two rounds of matching.
-  rebasin_chain the same objective over the whole chain of the layers read, with the network's
-                permutation spec (`lps_jax.symmetry.permutations`: a ResNet's residual stream is one
-                permutation across its blocks): every channel group solved jointly by
-                coordinate descent (Git Re-Basin, Alg. 1), the reference refined towards the
-                mean of the aligned training models; exactly invariant to the symmetry.
-`sort` and `rebasin` chain layers in network order (exact for a plain chain of convs; a
-ResNet's residual stream shares one permutation across blocks, which they ignore past layer 1).
+  rebasin       weight matching (Ainsworth et al., "Git Re-Basin", ICLR 2023) of the layers read,
+  rebasin_chain through the network's permutation spec (`lps_jax.symmetry`: a ResNet's residual
+                stream is one permutation across its blocks) with the one weight matcher
+                (`symmetry.matching.WeightMatcher`): every channel group solved jointly by
+                coordinate descent (Alg. 1), the reference the mean of the training models after
+                two rounds of matching; exactly invariant to the symmetry. On the first layer
+                alone (the paper's setting) this is the Hungarian assignment of its filters to
+                the reference's. The two differ only in the layers they read: `rebasin` the run
+                config's, `rebasin_chain` stage 1 (layers 1-7).
+`sort` chains layers in network order (exact for a plain chain of convs; a ResNet's residual
+stream shares one permutation across blocks, which it ignores past layer 1).
 
 Kernels are lists over conv layers of (M, h, w, c, g) HWIO stacks, as everywhere in lps_jax.
 """
@@ -32,10 +32,11 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+
 from lps_jax.common.errors import UserError
+from lps_jax.symmetry import matching, permutations
 
 FEATURES = ('weight_stats', 'gram', 'sort', 'rebasin', 'rebasin_chain')
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -94,49 +95,21 @@ def sort_canonical(kernels: Sequence[np.ndarray]) -> np.ndarray:
   return np.concatenate(out, axis=1)
 
 
-def match_to(kernels: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> list[np.ndarray]:
-  """Each model's layers permuted to best match `reference` (one model's kernels), chained."""
-  out, perm = [], None
-  for k, ref in zip(kernels, reference):
-    k = _permute_inputs(k, perm) if perm is not None and perm.shape[1] == k.shape[3] else k
-    f, r = _flat_filters(k), _flat_filters(ref[None])[0]      # (M, g, d), (g, d)
-    sim = np.einsum('mgd,hd->mgh', f, r)                     # model filter g vs reference h
-    perm = np.stack([linear_sum_assignment(-s.T)[1] for s in sim])  # ref h <- model perm[h]
-    out.append(_permute_filters(k, perm))
-  return out
+MATCHED = ('rebasin', 'rebasin_chain')   # features read through the one weight matcher
 
 
-def rebasin_features(kernels: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> np.ndarray:
-  return np.concatenate([k.reshape(k.shape[0], -1) for k in match_to(kernels, reference)], 1)
+def plain_chain_spec(paths: Sequence[str]) -> permutations.PermutationSpec:
+  """The symmetry of a plain chain of HWIO convs: layer l's filters and layer l+1's inputs
+  share one permutation (the first layer's inputs, RGB, are not permuted)."""
+  return permutations.PermutationSpec.from_axes(
+      {p: (None, None, f'g{i - 1}' if i else None, f'g{i}') for i, p in enumerate(paths)})
 
 
-def rebasin_reference(kernels: Sequence[np.ndarray], rounds: int = 2) -> list[np.ndarray]:
-  """A reference for weight matching: the first model, then `rounds` times the mean of all
-  models matched to the current reference."""
-  ref = [k[0] for k in kernels]
-  for _ in range(rounds):
-    ref = [k.mean(0) for k in match_to(kernels, ref)]
-  return ref
-
-
-def chain_reference(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
-                    rounds: int = 2) -> dict:
-  """The mean of the models aligned by whole-chain weight matching (permutations.align_to_mean);
-  `paths` names each layer of `kernels` in `spec`."""
-  from lps_jax.symmetry import permutations
+def matched_features(matcher, kernels: Sequence[np.ndarray], paths: Sequence[str]) -> np.ndarray:
+  """(M, F): each model's layers, matched to `matcher`'s reference jointly, flattened."""
   models = permutations.unstack(dict(zip(paths, kernels)))
-  return permutations.align_to_mean(spec, models, rounds)[0]
-
-
-def chain_features(spec, kernels: Sequence[np.ndarray], paths: Sequence[str],
-                   reference: dict) -> np.ndarray:
-  """(M, F): each model's layers, aligned to `reference` jointly, flattened."""
-  from lps_jax.symmetry import permutations
-  rows = []
-  for flat in permutations.unstack(dict(zip(paths, kernels))):
-    aligned = permutations.apply(spec, permutations.weight_matching(spec, reference, flat), flat)
-    rows.append(np.concatenate([aligned[p].ravel() for p in paths]))
-  return np.stack(rows)
+  return np.stack([np.concatenate([a[p].ravel() for p in paths])
+                   for a in matcher.transform(models)])
 
 
 class FeatureProbe:
@@ -145,26 +118,32 @@ class FeatureProbe:
 
   def __init__(self, features: str, layers: Sequence[int], num_classes: int, C: float = 1.0,
                spec=None, paths: Sequence[str] = ()):
-    """`spec`, `paths` (rebasin_chain): the permutation spec and each read layer's path in it."""
+    """`spec`, `paths` (matched features): the permutation spec of the read layers and each
+    one's path in it."""
     if features not in FEATURES:
       raise UserError(f'unknown features {features!r}; choose from {sorted(FEATURES)}.')
-    if features == 'rebasin_chain' and (spec is None or len(paths) != len(layers)):
-      raise UserError('rebasin_chain needs the permutation spec and a path per layer.')
+    if features in MATCHED and spec is None:   # no network given: a plain chain of convs
+      paths = [f'conv{i}' for i in range(len(layers))]
+      spec = plain_chain_spec(paths)
+    if features in MATCHED and len(paths) != len(layers):
+      raise UserError(f'{features} needs the permutation spec and a path per layer.')
     self.features, self.layers, self.num_classes, self.C = features, tuple(layers), num_classes, C
     self.spec, self.paths = spec, tuple(paths)
-    self.reference = None
+    self.matcher = matching.WeightMatcher(spec) if features in MATCHED else None
     self.linear = None   # fitted: standardisation and regression arrays
 
   def _x(self, kernels) -> np.ndarray:
     ks = [np.asarray(kernels[i], np.float64) for i in self.layers]
-    if self.features == 'rebasin':
-      if self.reference is None:
-        self.reference = rebasin_reference(ks)
-      return rebasin_features(ks, self.reference)
-    if self.features == 'rebasin_chain':
-      if self.reference is None:
-        self.reference = chain_reference(self.spec, ks, self.paths)
-      return chain_features(self.spec, ks, self.paths, self.reference)
+    if self.matcher is not None:
+      if self.matcher.reference is None:    # fitted on the first inputs seen: the training set
+        self.matcher.fit(permutations.unstack(dict(zip(self.paths, ks))))
+      ref = self.matcher.reference
+      if any(ref[p].shape != k.shape[1:] for p, k in zip(self.paths, ks)):
+        raise UserError(f'{self.features} features of layers shaped '
+                        f'{[k.shape[1:] for k in ks]}, the probe was fitted on '
+                        f'{[ref[p].shape for p in self.paths]}: models whose read layers have '
+                        'other shapes.')
+      return matched_features(self.matcher, ks, self.paths)
     return {'weight_stats': weight_stats, 'gram': gram, 'sort': sort_canonical}[self.features](ks)
 
   def fit(self, kernels, labels, progress: Optional[Callable] = None) -> None:
@@ -207,10 +186,8 @@ class FeatureProbe:
   def state(self) -> dict:
     """The fitted probe as arrays: the regression, and the weight-matching reference."""
     out = {f'linear/{k}': v for k, v in self.linear.items()}
-    if isinstance(self.reference, dict):      # rebasin_chain: {path: array}
-      out.update({f'reference/{p}': v for p, v in self.reference.items()})
-    elif self.reference is not None:          # rebasin: one array per layer
-      out.update({f'reference/{i}': v for i, v in enumerate(self.reference)})
+    if self.matcher is not None:
+      out.update({f'reference/{p}': v for p, v in self.matcher.reference.items()})
     return out
 
   def load_state(self, arrays: dict) -> None:
@@ -218,7 +195,6 @@ class FeatureProbe:
                    if k.startswith('linear/')}
     ref = {k.split('/', 1)[1]: np.asarray(v) for k, v in arrays.items()
            if k.startswith('reference/')}
-    if self.features == 'rebasin_chain':
-      self.reference = ref
-    elif self.features == 'rebasin':
-      self.reference = [ref[str(i)] for i in range(len(ref))]
+    if self.matcher is not None:   # indexes of an earlier release name layers by position
+      self.matcher.reference = {self.paths[int(k)] if k.isdigit() else k: v
+                                for k, v in ref.items()}

@@ -59,7 +59,7 @@ class Probe(Method):
 
   def build(self, base, num_classes, cache=None):
     layers = self.active_layers(base)
-    if self.features != 'rebasin_chain':
+    if self.features not in probes.MATCHED:
       return probes.FeatureProbe(self.features, layers, num_classes)
     names = resnet.conv_layer_names()
     paths = [f'params/{names[i]}/kernel' for i in layers]

@@ -5,7 +5,7 @@ channel symmetry (`resnet.permutation_spec`) is resolved for all layers jointly,
 
   Aligner       Git Re-Basin weight matching (Ainsworth et al. 2023, Alg. 1) of every model to
                 one reference, the reference refined towards the mean of a subsample of the
-                training models (`permutations.align_to_mean`); fitted on training models only;
+                training models (`symmetry.matching.WeightMatcher`); fitted on training models;
   Aligned       any method (fit / predict / embed) on the aligned networks;
   FlatProbe     standardised, flattened arrays (by path prefix) + multinomial logistic
                 regression: on aligned weights the linear probe of all layers and the FC, on
@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from lps_jax.training import modelset
-from lps_jax.symmetry import permutations
+from lps_jax.symmetry import matching, permutations
 from lps_jax.common import cache as cache_lib
 from lps_jax.training.modelset import NetworkStack
 from lps_jax.common.errors import UserError
@@ -42,64 +42,50 @@ def _objective(stack: NetworkStack) -> list[np.ndarray]:
 
 
 class Aligner:
-  """Weight matching of whole networks to a reference fitted on training models. With a
-  `cache_lib.Cache`, the reference and each stack's permutations are kept (content-addressed)."""
+  """Whole networks matched to a reference fitted on training models: the one weight matcher
+  (`symmetry.matching.WeightMatcher`, sorted starts) on every parameter of a `NetworkStack`.
+  With a `common.cache.Cache`, the reference and each stack's permutations are kept
+  (content-addressed)."""
 
   def __init__(self, reference_models: int = 50, rounds: int = 2, seed: int = 0, cache=None):
     self.reference_models, self.rounds, self.seed, self.cache = reference_models, rounds, seed, cache
-    self.reference = None
-
-  def _cached(self, key: dict, compute):
-    return compute() if self.cache is None else self.cache.arrays(key, compute)
+    self.matcher = None
 
   def fit(self, stack: NetworkStack) -> 'Aligner':
     """The reference: `rounds` of align-to-mean over `reference_models` training models drawn
     with `seed` (all of them if fewer)."""
     stack = _need_stack(stack)
-    rows = np.sort(np.random.default_rng(self.seed).permutation(len(stack[0]))
-                   [:self.reference_models])
-    self.spec = stack.spec()
-    chosen = stack.take(rows)
-    key = {'kind': 'wn_reference', 'rounds': self.rounds, 'seed': self.seed,
-           'models': cache_lib.fingerprint(*_objective(chosen))}
-    def compute():
-      logging.info('whole-network alignment: a reference from %d training models, %d rounds',
-                   len(rows), self.rounds)
-      return permutations.align_to_mean(self.spec, chosen.model_flats(OBJECTIVE), self.rounds,
-                                        self.seed)[0]
-
-    self.reference = self._cached(key, compute)
+    self.matcher = matching.WeightMatcher(
+        stack.spec(), self.reference_models, self.rounds, self.seed, sorted_start=True,
+        cached=None if self.cache is None else self.cache.arrays)
+    chosen = stack.take(self.matcher.reference_rows(len(stack[0])))
+    logging.info('whole-network alignment: a reference from %d training models, %d rounds',
+                 len(chosen[0]), self.rounds)
+    self.matcher.fit(stack.model_flats(OBJECTIVE),
+                     key={'models': cache_lib.fingerprint(*_objective(chosen))})
     return self
+
+  @property
+  def reference(self):
+    return None if self.matcher is None else self.matcher.reference
 
   def perms_of(self, stack: NetworkStack) -> list[permutations.Perms]:
     """Each model's permutations onto the reference (Git Re-Basin weight matching)."""
-    if self.reference is None:
+    if self.matcher is None:
       raise UserError('Aligner.transform before fit.')
-    groups = sorted(self.spec.perm_to_axes)
-
-    def compute():   # every model from the same seeded group order: equivariant
-      logging.info('whole-network alignment: matching %d models to the reference',
-                   len(stack[0]))
-      found = [permutations.weight_matching(
-          self.spec, self.reference, flat, np.random.default_rng(self.seed),
-          init=permutations.sorted_init(self.spec, self.reference, flat))
-          for flat in stack.model_flats(OBJECTIVE)]
-      return {g: np.stack([p[g] for p in found]) for g in groups}
-
-    key = {'kind': 'wn_perms', 'seed': self.seed,
-           'reference': cache_lib.fingerprint(*[self.reference[k] for k in sorted(self.reference)]),
-           'models': cache_lib.fingerprint(*_objective(stack))}
-    stacked = self._cached(key, compute)
-    return [{g: stacked[g][m] for g in groups} for m in range(len(stack[0]))]
+    ref = self.matcher.reference
+    logging.info('whole-network alignment: matching %d models to the reference', len(stack[0]))
+    return self.matcher.perms(stack.model_flats(OBJECTIVE), key={
+        'reference': cache_lib.fingerprint(*[ref[k] for k in sorted(ref)]),
+        'models': cache_lib.fingerprint(*_objective(stack))})
 
   def transform(self, stack: NetworkStack) -> NetworkStack:
     """Every model permuted to best match the reference: the same functions, one order."""
     stack = _need_stack(stack)
-    perms = self.perms_of(stack)
+    spec = self.matcher.spec
     return stack.replaced([
-        permutations.apply(self.spec, p, {k: v for k, v in flat.items()
-                                          if k in self.spec.axes_to_perm})
-        for p, flat in zip(perms, stack.model_flats())])
+        permutations.apply(spec, p, {k: v for k, v in flat.items() if k in spec.axes_to_perm})
+        for p, flat in zip(self.perms_of(stack), stack.model_flats())])
 
 
 class Aligned:

@@ -1,4 +1,4 @@
-"""Channel permutation symmetry as small data, and whole-network weight matching.
+"""Channel permutation symmetry as small data.
 
 A `PermutationSpec` says, for each channel group (a permutation), which axis of which variable
 it permutes (as samuela/git-re-basin's `PermutationSpec`): permuting every listed axis of a
@@ -6,12 +6,8 @@ group together leaves the network's function unchanged (Sec. 4 of the paper: the
 filters and channels is changeable). `lps_jax.training.resnet.permutation_spec` writes ResNet's; this
 module only reads specs, so it works for any architecture that provides one.
 
-Weight matching (Ainsworth et al., "Git Re-Basin", ICLR 2023, Alg. 1): the permutations of
-model B that maximise sum_l <W_l^A, P W_l^B>, solved by coordinate descent over the groups,
-each step a linear assignment (Hungarian) with the other groups fixed; this aligns whole
-networks along their permutation chain jointly, where the paper's order chain rule sorts each
-layer in turn. `align_to_mean` refines the reference towards the mean of the aligned models.
 Variables are flat dicts {'/'-joined path: array} (`flatten` / `unflatten`); arrays are numpy.
+The one weight matcher that resolves a spec's symmetry is `lps_jax.symmetry.matching`.
 """
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from lps_jax.common.errors import UserError
 
 Flat = dict[str, np.ndarray]
@@ -121,69 +116,3 @@ def identity_perms(spec: PermutationSpec, flat: Flat) -> Perms:
 
 def inverse(perms: Perms) -> Perms:
   return {g: np.argsort(p) for g, p in perms.items()}
-
-
-def sorted_init(spec: PermutationSpec, reference: Flat, model: Flat) -> Perms:
-  """A start for weight matching that does not depend on the model's channel order: each
-  group's assignment on the channels' slices with their values sorted (a sorted slice is
-  invariant to every other group's permutation). Weight matching from it, in a seeded group
-  order, is then equivariant: a permuted copy of a model lands on the same aligned model
-  (up to ties)."""
-  perms = {}
-  for g, n in spec.sizes(model).items():
-    gain = np.zeros((n, n))
-    for path, axis in spec.perm_to_axes[g]:
-      if path in reference and path in model:
-        a = np.sort(np.moveaxis(reference[path], axis, 0).reshape(n, -1), axis=1)
-        b = np.sort(np.moveaxis(model[path], axis, 0).reshape(n, -1), axis=1)
-        gain += a @ b.T
-    perms[g] = linear_sum_assignment(gain, maximize=True)[1]
-  return perms
-
-
-def weight_matching(spec: PermutationSpec, reference: Flat, model: Flat,
-                    rng: Optional[np.random.Generator] = None, max_iter: int = 100,
-                    init: Optional[Perms] = None) -> Perms:
-  """Permutations P of `model` maximising sum over variables of <reference, P(model)>, by
-  coordinate descent over the groups in random order until no group improves (Alg. 1 of
-  Git Re-Basin). Only paths in both dicts and in the spec count (pass params, not running
-  statistics, for the paper's objective). `apply(spec, P, model)` is then aligned."""
-  rng = rng if rng is not None else np.random.default_rng(0)
-  sizes = spec.sizes(model)
-  perms = {g: np.array(p) for g, p in (init or identity_perms(spec, model)).items()}
-  groups = sorted(sizes)
-  for _ in range(max_iter):
-    improved = False
-    for g in rng.permutation(groups):
-      n = sizes[g]
-      gain = np.zeros((n, n))
-      for path, axis in spec.perm_to_axes[g]:
-        if path not in reference or path not in model:
-          continue
-        a = np.moveaxis(reference[path], axis, 0).reshape(n, -1)
-        b = apply(spec, perms, {path: model[path]}, except_axis=(path, axis))[path]
-        gain += a @ np.moveaxis(b, axis, 0).reshape(n, -1).T
-      _, col = linear_sum_assignment(gain, maximize=True)
-      old, new = gain[np.arange(n), perms[g]].sum(), gain[np.arange(n), col].sum()
-      if new > old + 1e-12 * max(1.0, abs(old)):
-        perms[g], improved = col, True
-    if not improved:
-      break
-  return perms
-
-
-def align_to_mean(spec: PermutationSpec, models: Sequence[Flat], rounds: int = 3,
-                  seed: int = 0) -> tuple[Flat, list[Perms]]:
-  """A reference for a population: start from model 0, align every model to it by weight
-  matching, replace it by the mean of the aligned models, repeat `rounds` times. Returns the
-  reference and each model's permutations (apply them to align the model)."""
-  rng = np.random.default_rng(seed)
-  keys = [k for k in models[0] if k in spec.axes_to_perm]
-  reference = {k: models[0][k] for k in keys}
-  perms = [identity_perms(spec, models[0]) for _ in models]
-  for _ in range(rounds):
-    perms = [weight_matching(spec, reference, {k: m[k] for k in keys}, rng, init=p)
-             for m, p in zip(models, perms)]
-    aligned = [apply(spec, p, {k: m[k] for k in keys}) for m, p in zip(models, perms)]
-    reference = {k: np.mean([a[k] for a in aligned], axis=0) for k in keys}
-  return reference, perms
