@@ -56,11 +56,11 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (0 = 
 flags.DEFINE_enum('distributed', 'off', ['off', 'auto'], "'auto': jax.distributed.initialize() "
                   "with the cluster's auto-detection (SLURM, Open MPI, TPU pods).")
 flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for the other processes.')
-flagdefs.check('num_tasks', Range(1, slices.NUM_TASKS, integer=True))
+flagdefs.check('num_tasks', Range(1, data_lib.NUM_TASKS, integer=True))
 for _name in ('stop_after_epochs', 'num_processes', 'distributed_timeout', 'num_cpu_devices'):
   flagdefs.check(_name, Range(1, integer=True))
 flagdefs.check('process_id', Range(0, integer=True))
-flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.parsed('task_ids', data_lib.parse_task_ids)
 flagdefs.input_path('data_dir', 'dir', when=lambda f: f.dataset != 'tfds')
 flagdefs.input_path('tfds_data_dir', 'dir', must_exist=False)
 for _name in ('workdir', 'export_slice'):
@@ -72,7 +72,7 @@ FLAGS = flags.FLAGS
 
 
 def build_config() -> train_config.PopulationConfig:
-  task_ids = (slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids
+  task_ids = (data_lib.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids
               else tuple(range(FLAGS.num_tasks)))
   return flagdefs.build(
       train_config.PopulationConfig, FLAGS, skip=('task_ids',), task_ids=task_ids,
@@ -161,7 +161,7 @@ def main(argv):
     result = pop_trainer.train(paths['workdir'],
                                progress=FLAGS.progress and distributed.is_primary(),
                                stop_after_epochs=FLAGS.stop_after_epochs,
-                               record_epochs=slices.TRAJECTORY_EPOCHS)
+                               hooks=[slices.TrajectoryRecorder(slices.TRAJECTORY_EPOCHS)])
   except workdir.TrainingStopped as e:
     logging.info('%s', e)
     return

@@ -43,7 +43,7 @@ def _config(tasks):
 def _train_slice(tasks, splits, tmp, root, test_split=None):
   tr = trainer.PopulationTrainer(_config(tasks), EX, *splits)
   wd = str(tmp / f'wd_{slices.slice_name(tasks)}')
-  result = tr.train(wd, progress=False, record_epochs=TRAJECTORY)
+  result = tr.train(wd, progress=False, hooks=[slices.TrajectoryRecorder(TRAJECTORY)])
   ex, chunks = tr.execution, len(tr.chunks())
   whole = {} if test_split is None else dict(
       logits=slice_models.probe_logits(result, test_split.images, test_split.labels),
@@ -66,13 +66,13 @@ def sliced(splits, test_split, tmp_path_factory):
 
 
 def test_task_ranges_and_names():
-  assert slices.parse_task_ids(['0-3', '7']) == (0, 1, 2, 3, 7)
+  assert data.parse_task_ids(['0-3', '7']) == (0, 1, 2, 3, 7)
   assert slices.slice_name((0, 1, 2, 3)) == 'tasks_00-03'
   assert slices.slice_name((0, 1, 5)) == 'tasks_00-01_05-05'
   for bad, msg in ((['3-1'], 'empty'), (['a'], 'ranges A-B'), (['0-2', '1'], 'twice'),
                    (['48-50'], 'task 50 is outside 0-49')):
-    with pytest.raises(slices.SliceError, match=msg):
-      slices.parse_task_ids(bad)
+    with pytest.raises(data.DataError, match=msg):
+      data.parse_task_ids(bad)
 
 
 def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):

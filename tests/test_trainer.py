@@ -138,8 +138,8 @@ def _run_and_kill(cmd, wd, target, rng, timeout=120):
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   patterns = {'checkpoint': os.path.join(wd, 'ckpt', '*', '*tmp*'),
-              'finished chunk': os.path.join(wd, 'chunks', '*.tmp-*'),
-              'model set': os.path.join(wd, 'modelset.tmp-*')}
+              'finished chunk': os.path.join(wd, 'chunks', '.*.tmp*'),   # common.files
+              'model set': os.path.join(wd, '.modelset.tmp*')}
   deadline = time.monotonic() + timeout
   at = time.monotonic() + rng.uniform(3, 9) if target == 'random' else None
   while proc.poll() is None and time.monotonic() < deadline:
@@ -192,7 +192,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
   for a, b in [(got.params, want.params), (got.batch_stats, want.batch_stats)]:
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
   np.testing.assert_array_equal(got.heldout_accuracy, want.heldout_accuracy)
-  assert glob.glob(os.path.join(wd, '**', '*.tmp*'), recursive=True) == []
+  assert glob.glob(os.path.join(wd, '**', '*.tmp*'), recursive=True, include_hidden=True) == []
 
 
 def test_bad_runs_are_clear_errors(splits, tmp_path):
@@ -271,8 +271,8 @@ def test_one_run_per_workdir(splits, tmp_path):
     assert f'pid {os.getpid()}' in r.stderr.strip().splitlines()[-1]
   assert os.listdir(wd) == ['.lock']               # the refused runs wrote nothing
   # A holder killed with SIGKILL leaves the file, not the lock: the rerun goes ahead.
-  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from lps_jax import '
-                             'workdir\nwith workdir.exclusive(sys.argv[1]): print(1, flush=True); '
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from lps_jax.training '
+                             'import workdir\nwith workdir.exclusive(sys.argv[1]): print(1, flush=True); '
                              'time.sleep(600)', wd], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == '1'
   with pytest.raises(workdir.TrainingError, match=f'pid {holder.pid} '):

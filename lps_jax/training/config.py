@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 
 from lps_jax.common import checks as config_checks
-from lps_jax.training import resnet
+from lps_jax.training import data, resnet
 from lps_jax.common.checks import Range, valid
 from lps_jax.common.errors import UserError
 
@@ -110,7 +110,7 @@ class TrainConfig:
 class PopulationConfig:
   """Everything that determines a trained population (saved with checkpoints and model set)."""
   task_ids: tuple[int, ...] = dataclasses.field(
-      default=tuple(range(50)), metadata=_help('Tasks r (fine labels 2r, 2r+1) to train.'))
+      default=tuple(range(data.NUM_TASKS)), metadata=_help('Tasks r (fine labels 2r, 2r+1) to train.'))
   runs_per_task: int = dataclasses.field(
       default=10, metadata=valid(INT1, 'Independent runs (models) per task.'))
   seed: int = dataclasses.field(default=0, metadata=valid(INT0, 'Base seed of every model key.'))
@@ -131,7 +131,7 @@ class PopulationConfig:
 
   def __post_init__(self):
     config_checks.check(self)
-    outside = [t for t in self.task_ids if not (isinstance(t, int) and 0 <= t < 50)]
+    outside = [t for t in self.task_ids if not (isinstance(t, int) and 0 <= t < data.NUM_TASKS)]
     if not self.task_ids or outside:
       raise UserError(f'--task_ids: {outside[0] if outside else "none given"}; tasks are '
                        '0-49 (task r = fine labels 2r, 2r+1 of CIFAR-100).')

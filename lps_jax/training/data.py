@@ -18,6 +18,7 @@ import numpy as np
 from lps_jax.common.errors import UserError
 
 NUM_CLASSES = 100
+NUM_TASKS = NUM_CLASSES // 2   # two-class tasks: task r = fine labels 2r, 2r+1
 IMAGE_SHAPE = (32, 32, 3)
 # Per-channel statistics of the CIFAR-100 train split on a [0, 1] scale.
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -171,8 +172,8 @@ def test_split(dataset: str, data_dir: Optional[str] = None,
 def task_classes(task_ids: Sequence[int]) -> list[int]:
   """The fine labels tasks use: 2r and 2r + 1 for each task r."""
   task_ids = [int(r) for r in task_ids]
-  if task_ids and (min(task_ids) < 0 or max(task_ids) >= NUM_CLASSES // 2):
-    raise DataError(f'task ids must be in [0, {NUM_CLASSES // 2}) (task r = fine labels 2r, '
+  if task_ids and (min(task_ids) < 0 or max(task_ids) >= NUM_TASKS):
+    raise DataError(f'task ids must be in [0, {NUM_TASKS}) (task r = fine labels 2r, '
                     f'2r+1), got {min(task_ids)}..{max(task_ids)}; lower --num_tasks.')
   return sorted({c for r in task_ids for c in (2 * r, 2 * r + 1)})
 
@@ -241,7 +242,7 @@ def _check_task_ids(task_ids: Sequence[int], labels_list: Sequence[np.ndarray]) 
   task_ids = np.asarray(task_ids, dtype=np.int32)
   if task_ids.ndim != 1 or task_ids.size == 0:
     raise DataError('need at least one task id.')
-  max_tasks = NUM_CLASSES // 2
+  max_tasks = NUM_TASKS
   if task_ids.min() < 0 or task_ids.max() >= max_tasks:
     raise DataError(f'task ids must be in [0, {max_tasks}) (task r = fine labels 2r, 2r+1), '
                     f'got {task_ids.min()}..{task_ids.max()}; lower --num_tasks.')
@@ -328,3 +329,25 @@ def augment(key: jax.Array, images_uint8: jax.Array, pad: int = 4) -> jax.Array:
     return jnp.where(flip, out[:, ::-1], out)
 
   return normalize(jax.vmap(crop_flip)(padded, offsets, flips))
+
+
+def parse_task_ids(items: Sequence[str]) -> tuple[int, ...]:
+  """'0-9' / '3' / '0-4,7' (absl list items) -> sorted task ids, each once."""
+  out = []
+  for item in items:
+    item = str(item).strip()
+    lo, sep, hi = item.partition('-')
+    try:
+      ids = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+    except ValueError:
+      raise DataError(f'--task_ids item {item!r}: use task numbers or ranges A-B, e.g. 0-9.')
+    if sep and int(hi) < int(lo):
+      raise DataError(f'--task_ids range {item!r} is empty: write it low-high, e.g. 0-9.')
+    out.extend(ids)
+  if len(set(out)) != len(out):
+    raise DataError(f'--task_ids {",".join(items)} names a task twice.')
+  outside = [t for t in out if not 0 <= t < NUM_TASKS]
+  if outside:
+    raise DataError(f'--task_ids: task {outside[0]} is outside 0-{NUM_TASKS - 1} (task r = '
+                     'fine labels 2r, 2r+1 of CIFAR-100).')
+  return tuple(sorted(out))

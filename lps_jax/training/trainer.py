@@ -24,10 +24,10 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from lps_jax.training import data as data_lib
 from lps_jax.training import distributed, modelset, popmap, resnet, workdir
+from lps_jax.training import hooks as hooks_lib
 from lps_jax.training.config import ExecutionConfig, PopulationConfig
 from lps_jax.training.step import (apply_gradients, eval_step, forward_and_vjp, init_model_state,
                                    make_optimizer, model_key, train_step)
@@ -132,20 +132,22 @@ class PopulationTrainer:
   def train(self, path: str, progress: bool = True,
             on_epoch_end: Optional[Callable[[int, int], None]] = None,
             stop_after_epochs: Optional[int] = None,
-            record_epochs: Sequence[int] = ()) -> modelset.ModelSet:
+            hooks: Sequence[hooks_lib.Hook] = ()) -> modelset.ModelSet:
     """Trains every chunk not yet finished in work directory `path`; returns the model set.
 
     `on_epoch_end(chunk_index, epochs_done)` is called after each epoch (and its checkpoint).
     `stop_after_epochs=N`: after N epochs trained in this call, checkpoint and raise
     `TrainingStopped` (for job time limits; a rerun resumes there, on any device count).
-    `record_epochs=(E, ...)`: keep each model's first-layer kernel after each epoch E in the
-    workdir (`workdir.early_kernels`: the slices' training trajectory and replay check).
+    `hooks`: more periodic actions (`training.hooks`), called after each epoch before its
+    checkpoint, e.g. the slices' trajectory recorder.
     With several processes every process calls this; only process 0 writes model sets.
     """
     # The writing process holds the workdir's lock for the whole run, before it cleans up.
     with (workdir.exclusive(path) if distributed.is_primary() else contextlib.nullcontext()):
       try:
-        return self._train(path, progress, on_epoch_end, stop_after_epochs, record_epochs)
+        after = [hooks_lib.Callback(on_epoch_end)] if on_epoch_end else []
+        return self._train(path, progress, [hooks_lib.StopAfter(stop_after_epochs), *hooks],
+                           after)
       except OSError as e:
         if e.errno not in _WRITE_ERRORS:
           raise
@@ -155,7 +157,8 @@ class PopulationTrainer:
             'last complete checkpoint are kept (writes are atomic): free space or make the '
             'folder writable, then rerun the same command to resume.') from e
 
-  def _train(self, path, progress, on_epoch_end, stop_after_epochs, record_epochs):
+  def _train(self, path, progress, before: list, after: list):
+    """`before` / `after`: hooks called before / after each epoch's checkpoint."""
     if distributed.is_primary():
       workdir.check_config(path, self.config)
       for stale in workdir.remove_partial_writes(path):
@@ -169,25 +172,22 @@ class PopulationTrainer:
     epochs = self.config.train.epochs
     bar = _progress_bar(len(chunks) * epochs, progress)
     done_sets, models_done = [], 0
-    budget = {'left': stop_after_epochs}
     try:
       for chunk in chunks:
         finished = workdir.chunk_dir(path, chunk.index)
-        ckpt = workdir.ckpt_dir(path, chunk.index)
         if os.path.isdir(finished):
           done_sets.append(self._load_finished_chunk(chunk, finished))
           logging.info('chunk %d/%d already finished in %s: not retrained', chunk.index + 1,
                        len(chunks), finished)
           if distributed.is_primary():
-            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(workdir.ckpt_dir(path, chunk.index), ignore_errors=True)
           models_done += chunk.n_real
           bar.update(epochs)
           continue
-        result = self._train_chunk(chunk, ckpt, bar, models_done, on_epoch_end, budget, path,
-                                   record_epochs)
+        result = self._train_chunk(chunk, path, bar, models_done, before, after)
         if distributed.is_primary():
           modelset.save(finished, result)
-          shutil.rmtree(ckpt, ignore_errors=True)
+          shutil.rmtree(workdir.ckpt_dir(path, chunk.index), ignore_errors=True)
         distributed.barrier(f'chunk_{chunk.index}_saved')
         done_sets.append(result)
         models_done += chunk.n_real
@@ -237,9 +237,11 @@ class PopulationTrainer:
       state, _ = self._epoch(state, epoch, keys, tr_idx, tr_lab)
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], self.population.gather(state))
 
-  def _train_chunk(self, chunk: Chunk, ckpt: str, bar, models_done: int, on_epoch_end,
-                   budget: dict, path: str, record_epochs: Sequence[int]) -> modelset.ModelSet:
+  def _train_chunk(self, chunk: Chunk, path: str, bar, models_done: int,
+                   before: list, after: list) -> modelset.ModelSet:
+    """One chunk from its last checkpoint to the end: epochs, then the periodic actions."""
     pop = self.population
+    ckpt = workdir.ckpt_dir(path, chunk.index)
     tasks, runs, host_keys, (keys, tr_idx, tr_lab, ev_idx, ev_lab) = self.chunk_inputs(chunk)
     workdir.check_chunk_plan(ckpt, chunk.index, self.chunk_size, chunk.rows.tolist())
     host_state = self.initial_state(host_keys)
@@ -251,6 +253,9 @@ class PopulationTrainer:
                    chunk.index, start_epoch, ckpt, len(pop.devices))
     state = pop.place(host_state)
     bar.update(start_epoch)
+    evaluate = lambda st: pop.gather(self._eval(st, ev_idx, ev_lab, self.eval_images))['accuracy']
+    hooks = [hooks_lib.Progress(bar, evaluate, self.execution.eval_every, models_done), *before,
+             hooks_lib.Checkpoint(mngr, self.execution.checkpoint_every), *after]
     epochs = self.config.train.epochs
     for epoch in range(start_epoch, epochs):
       state, loss = self._epoch(state, epoch, keys, tr_idx, tr_lab)
@@ -260,32 +265,17 @@ class PopulationTrainer:
         raise TrainingError(
             f'NaN/Inf training loss at epoch {epoch + 1} for {", ".join(bad[:5])}; lower '
             '--learning_rate. The last complete checkpoint is kept, so a rerun resumes there.')
-      done = epoch + 1
-      postfix = {'chunk': chunk.index + 1, 'models_done': models_done, 'loss': f'{loss.mean():.3f}'}
-      if done % self.execution.eval_every == 0 or done == epochs:
-        acc = pop.gather(self._eval(state, ev_idx, ev_lab, self.eval_images))['accuracy']
-        postfix['heldout_acc'] = f'{acc[:chunk.n_real].mean():.3f}'
-      bar.set_postfix(postfix, refresh=False)
-      bar.update(1)
-      if budget['left'] is not None:
-        budget['left'] -= 1
-      stop = budget['left'] is not None and budget['left'] <= 0
-      if done in record_epochs:   # gathering is collective: every process, one writes
-        early = np.asarray(pop.gather(state)['params']['conv1']['kernel'])[:chunk.n_real]
-        if distributed.is_primary():
-          workdir.save_early_kernels(path, chunk.index, early, done)
-      if done < epochs and (done % self.execution.checkpoint_every == 0 or stop):
-        mngr.save(done, args=ocp.args.StandardSave(pop.gather(state)))
-        mngr.wait_until_finished()
-      if on_epoch_end is not None:
-        on_epoch_end(chunk.index, done)
-      if stop and done < epochs:
+      event = hooks_lib.EpochEnd(chunk.index, chunk.n_real, epoch + 1, epochs, state, loss,
+                                 path, pop)
+      for hook in hooks:
+        hook(event)
+      if event.stop and not event.last:
         mngr.close()
         raise TrainingStopped(f'stopped after the requested epochs; chunk {chunk.index} is '
-                              f'checkpointed at epoch {done} in {ckpt}: rerun the same '
+                              f'checkpointed at epoch {event.done} in {ckpt}: rerun the same '
                               'command to resume (any device count).')
     mngr.close()
-    acc = pop.gather(self._eval(state, ev_idx, ev_lab, self.eval_images))['accuracy']
+    acc = evaluate(state)
     host = pop.gather(state)
     keep = lambda x: np.asarray(x)[:chunk.n_real]
     return modelset.ModelSet(

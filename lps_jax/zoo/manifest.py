@@ -17,7 +17,8 @@ import numpy as np
 from lps_jax.common import files
 from lps_jax.training import modelset
 from lps_jax.zoo import whole_models
-from lps_jax.zoo.slice_folder import NUM_TASKS, SliceError, read
+from lps_jax.training.data import NUM_TASKS
+from lps_jax.zoo.slice_folder import SliceError, read
 
 
 def _recipe(config: dict) -> dict:

@@ -32,39 +32,32 @@ import numpy as np
 
 from lps_jax.training import modelset, resnet
 from lps_jax.common import files
+from lps_jax.training import hooks, workdir
 from lps_jax.common.errors import UserError
 
 KERNELS, RECORD = 'kernels.npz', 'slice.json'
 RECORD_EPOCHS = 2          # the replay check compares each model's first layer after this many epochs
 # The first-layer training trajectory each slice keeps (from task 12 on), epochs after which.
 TRAJECTORY_EPOCHS = (1, 2, 5, 10, 20, 40, 80, 120, 160)
-NUM_TASKS = 50             # CIFAR-100 has 50 two-class tasks (fine labels 2r, 2r+1)
 
 
 class SliceError(UserError):
   """A missing, damaged or inconsistent slice; the message names it and says what to do."""
 
 
-def parse_task_ids(items: Sequence[str]) -> tuple[int, ...]:
-  """'0-9' / '3' / '0-4,7' (absl list items) -> sorted task ids, each once."""
-  out = []
-  for item in items:
-    item = str(item).strip()
-    lo, sep, hi = item.partition('-')
-    try:
-      ids = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-    except ValueError:
-      raise SliceError(f'--task_ids item {item!r}: use task numbers or ranges A-B, e.g. 0-9.')
-    if sep and int(hi) < int(lo):
-      raise SliceError(f'--task_ids range {item!r} is empty: write it low-high, e.g. 0-9.')
-    out.extend(ids)
-  if len(set(out)) != len(out):
-    raise SliceError(f'--task_ids {",".join(items)} names a task twice.')
-  outside = [t for t in out if not 0 <= t < NUM_TASKS]
-  if outside:
-    raise SliceError(f'--task_ids: task {outside[0]} is outside 0-{NUM_TASKS - 1} (task r = '
-                     'fine labels 2r, 2r+1 of CIFAR-100).')
-  return tuple(sorted(out))
+class TrajectoryRecorder:
+  """A trainer hook (`training.hooks`): each model's first-layer kernel after each of `epochs`,
+  kept in the work directory (`workdir.early_kernels` / `workdir.trajectory`): the slices'
+  training trajectory and the replay check's reference."""
+
+  def __init__(self, epochs=TRAJECTORY_EPOCHS):
+    self.epochs = frozenset(int(e) for e in epochs)
+
+  def __call__(self, epoch: hooks.EpochEnd) -> None:
+    if epoch.done in self.epochs:   # gathering is collective: every process, one writes
+      early = np.asarray(epoch.host_state()['params']['conv1']['kernel'])[:epoch.n_real]
+      if hooks.is_writer():
+        workdir.save_early_kernels(epoch.workdir, epoch.chunk_index, early, epoch.done)
 
 
 def slice_name(task_ids: Sequence[int]) -> str:
