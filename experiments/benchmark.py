@@ -41,7 +41,6 @@ from lps_jax.common import files
 
 from lps_jax import align
 from lps_jax.training import resnet
-from lps_jax.zoo import slice_folder as slices
 from lps_jax.common.checks import Range
 from lps_jax.training import data as data_lib
 from lps_jax.training import config as train_config
@@ -94,7 +93,7 @@ for _name in ('devices_population', 'batch_size', 'num_steps', 'max_config_secon
   flagdefs.check(_name, Range(1, integer=True))
 flagdefs.check('matmul_size', Range(0, integer=True))
 flagdefs.input_path('data_dir', 'dir', when=lambda f: f['data_dir'].present)
-flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.parsed('task_ids', data_lib.parse_task_ids)
 flagdefs.output_path('out', 'file')
 FLAGS = flags.FLAGS
 
@@ -178,8 +177,7 @@ _TRAIN_COLS = [
 
 
 def _task_ids():
-  from lps_jax.zoo import slice_folder as slices
-  return slices.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids else None
+  return data_lib.parse_task_ids(FLAGS.task_ids) if FLAGS.task_ids else None
 
 
 def _splits(size):

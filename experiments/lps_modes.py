@@ -14,6 +14,7 @@ import numpy as np
 
 from experiments import lps_render
 from lps_jax.training import data
+from lps_jax.methods import interface
 from lps_jax.methods import registry as methods
 from lps_jax.training import modelset
 from lps_jax.evaluation import protocols
@@ -254,14 +255,14 @@ def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=Non
   split = images()
   probe = probe_lib.probe_images(split.images, split.labels)
   def compute():
-    logging.info('functional reference: %d models on %d probe images', len(stack[0]),
+    logging.info('functional reference: %d models on %d probe images', stack.num_models,
                  len(probe))
     return {'logits': probe_lib.probe_logits(stack, probe)}
 
   if cache is None:
     return compute()['logits']
   key = {'kind': 'probe_logits', 'images': cache_lib.fingerprint(probe),
-         'models': cache_lib.fingerprint(*stack)}
+         'models': cache_lib.fingerprint(*stack.arrays)}
   return cache.arrays(key, compute)['logits']
 
 
@@ -272,9 +273,7 @@ def restrict(kernels: list, task_id: np.ndarray, tasks, path: str) -> tuple[list
   if absent:
     raise modelset.ModelSetError(f'{path} has no models of tasks {absent[:10]}, which the '
                                  'compared model set holds; compare sets with the same tasks.')
-  if isinstance(kernels, modelset.NetworkStack):
-    return kernels.take(np.flatnonzero(keep)), task_id[keep]
-  return [k[keep] if k is not None else None for k in kernels], task_id[keep]
+  return interface.take(kernels, np.flatnonzero(keep)), task_id[keep]
 
 
 def test_split_loader(dataset: str, data_dir: Optional[str], tfds_data_dir: Optional[str]):

@@ -67,7 +67,7 @@ flagdefs.parsed('model', model_id)
 flagdefs.check('replay_epochs', Range(1, integer=True))
 flagdefs.check('num_cpu_devices', Range(1, integer=True))
 flagdefs.input_path('data_dir', 'dir', when=lambda f: f.action in ('replay', 'stage', 'export'))
-flagdefs.parsed('task_ids', slices.parse_task_ids)
+flagdefs.parsed('task_ids', data_lib.parse_task_ids)
 flagdefs.output_path('stage_dir', 'dir', when=lambda f: f.action == 'stage')
 flagdefs.check('part_mib', Range(0, open=True))
 FLAGS = flags.FLAGS
@@ -116,7 +116,7 @@ def _stage() -> None:
   from lps_jax.zoo import stage
   if not FLAGS.task_ids:
     raise slices.SliceError('--action=stage needs --task_ids (e.g. 10-49).')
-  out = stage.stage(FLAGS.data_dir, slices.parse_task_ids(FLAGS.task_ids), FLAGS.stage_dir,
+  out = stage.stage(FLAGS.data_dir, data_lib.parse_task_ids(FLAGS.task_ids), FLAGS.stage_dir,
                     FLAGS.part_mib)
   for p in out['parts']:
     print(f'{FLAGS.stage_dir}/{p["folder"]}: tasks {p["tasks"][0]}-{p["tasks"][-1]}, '

@@ -55,12 +55,15 @@ def test_network_stack_puts_conv_kernels_first_and_keeps_every_variable():
   stack, _ = _stack(2, 2)
   names = resnet.conv_layer_names(TINY)
   assert stack.num_conv == len(names)
-  assert stack.paths[:len(names)] == [f'params/{n}/kernel' for n in names]
-  assert stack.paths[len(names):] == sorted(stack.paths[len(names):])
+  assert stack.paths[:len(names)] == tuple(f'params/{n}/kernel' for n in names)
+  assert list(stack.paths[len(names):]) == sorted(stack.paths[len(names):])
   assert 'params/dense/kernel' in stack.paths and 'batch_stats/bn1/var' in stack.paths
   part = stack.take([1, 2])
   assert isinstance(part, modelset.NetworkStack) and part.paths == stack.paths
-  np.testing.assert_array_equal(part[0], stack[0][[1, 2]])
+  np.testing.assert_array_equal(part.arrays[0], stack.arrays[0][[1, 2]])
+  assert part.num_models == 2 and part.kernels[0].shape[0] == 2
+  with pytest.raises(ValueError, match='missing'):   # an explicit type: every member is there
+    modelset.NetworkStack((None,) + stack.arrays[1:], stack.paths, stack.model, stack.num_conv)
   with pytest.raises(ValueError, match='2 rows for 4 models'):
     stack.with_array('x', np.zeros((2, 3)))
 
@@ -69,7 +72,7 @@ def test_aligner_maps_permuted_copies_to_the_same_aligned_models_bit_for_bit():
   stack, _ = _stack()
   aligner = whole_network.Aligner(reference_models=8).fit(stack)
   a, b = aligner.transform(stack), aligner.transform(_permuted(stack, 5))
-  for x, y in zip(a, b):
+  for x, y in zip(a.arrays, b.arrays):
     np.testing.assert_array_equal(x, y)
   # The aligned models compute what the originals compute.
   model = resnet.ResNet(TINY)
@@ -87,7 +90,7 @@ def test_aligner_caches_its_work(tmp_path):
   first = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
   assert len(list(tmp_path.glob('*.npz'))) == 2          # the reference, the permutations
   again = whole_network.Aligner(reference_models=4, cache=cache).fit(stack).transform(stack)
-  for x, y in zip(first, again):
+  for x, y in zip(first.arrays, again.arrays):
     np.testing.assert_array_equal(x, y)
 
 
@@ -139,7 +142,7 @@ def test_whole_network_methods_refuse_kernel_lists_in_one_line():
   for name in ('wn_probe', 'wn_invariant', 'wn_lps'):
     model = methods.get(name).build(SecondOrderConfig(), 2)
     with pytest.raises(modelset.ModelSetError, match='pass the full model set folder'):
-      model.fit(list(stack[:stack.num_conv]), task_id)
+      model.fit(stack.kernels, task_id)
 
 
 def test_table1_runs_whole_network_methods_on_a_stack():

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from lps_jax.methods import interface
 from lps_jax.methods import registry as methods
 from lps_jax.evaluation import metrics
-from lps_jax.training import modelset
 from lps_jax.common import cache as cache_lib
 from lps_jax.evaluation import transfer
 from lps_jax.align.fit import SecondOrderConfig
@@ -89,7 +89,7 @@ def fit(method: methods.Method | str, config: SecondOrderConfig, num_classes: in
   `labels`; with `cache`, what the method keeps there (second-order networks, whole-network
   alignments) is reused when this exact training ran before."""
   method = methods.get(method) if isinstance(method, str) else method
-  model = method.build(config, num_classes, cache)
+  model = method.estimator(config, num_classes, cache)
   model.fit(kernels, labels, progress=progress)
   return model
 
@@ -115,7 +115,7 @@ def run_branches(kernels, task_id, config: SecondOrderConfig, layers,
   `layers` are 0-based conv layer indices (branch l' = layer + 1). Returns
   {layer: {'top-1': .., 'top-5': .., 'top-10': ..}}.
   """
-  num_conv = kernels.num_conv if isinstance(kernels, modelset.NetworkStack) else len(kernels)
+  num_conv = interface.num_conv(kernels)
   layers = _check_layers(layers, num_conv)
   return {l: run_classification(kernels, task_id, method,
                                 dataclasses.replace(config, layer_weights=_one_hot_weights(l)),
@@ -159,10 +159,10 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
   """
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   model = fit('lps', _seeded(config, split_seed), split.train_tasks.size,
-              _take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              interface.take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
               cache, progress)
   rows = np.flatnonzero(np.isin(task_id, split.test_tasks))
-  tasks, sim = transfer.task_similarity(model.embed(_take(kernels, rows)), task_id[rows])
+  tasks, sim = transfer.task_similarity(model.embed(interface.take(kernels, rows)), task_id[rows])
   ari = transfer.transferability(params, batch_stats, task_id, images, labels, tasks,
                                  model_config, cache=cache, progress=feature_progress)
   off = ~np.eye(tasks.size, dtype=bool)
@@ -170,12 +170,6 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
                               seed=split_seed)
   return {'tasks': tasks.tolist(), 'similarity': sim.tolist(), 'ari': ari.tolist(),
           'correlation': corr}
-
-
-def _take(kernels, rows):
-  if isinstance(kernels, modelset.NetworkStack):
-    return kernels.take(rows)
-  return [None if k is None else np.asarray(k)[rows] for k in kernels]
 
 
 def _relabel(task_id: np.ndarray, tasks: np.ndarray) -> np.ndarray:
@@ -196,9 +190,9 @@ def run_classification(kernels, task_id, method: str, config: SecondOrderConfig,
   split = classification_split(task_id, seed=split_seed)
   tasks = np.unique(task_id)
   y_train, y_test = _relabel(task_id[split.train], tasks), _relabel(task_id[split.test], tasks)
-  model = fit(method, _seeded(config, split_seed), tasks.size, _take(kernels, split.train),
+  model = fit(method, _seeded(config, split_seed), tasks.size, interface.take(kernels, split.train),
               y_train, cache, progress)
-  acc = metrics.topk_accuracy(model.predict(_take(kernels, split.test)), y_test, ks)
+  acc = metrics.topk_accuracy(model.predict(interface.take(kernels, split.test)), y_test, ks)
   return {f'top-{k}': v for k, v in acc.items()}
 
 
@@ -209,14 +203,15 @@ def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
   """Table 2 for one method and split: CMC rank-k and mAP of query vs gallery models."""
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   model = fit(method, _seeded(config, split_seed), split.train_tasks.size,
-              _take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              interface.take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
               cache, progress)
-  sim = metrics.cosine_similarity(model.embed(_take(kernels, split.query)),
-                                  model.embed(_take(kernels, split.gallery)))
+  sim = metrics.cosine_similarity(model.embed(interface.take(kernels, split.query)),
+                                  model.embed(interface.take(kernels, split.gallery)))
   return metrics.retrieval_metrics(sim, task_id[split.query], task_id[split.gallery], ks)
 
 
-def _shapes(kernels, layers) -> list:
+def _shapes(inputs, layers) -> list:
+  kernels = interface.kernels_of(inputs)
   return [np.asarray(kernels[i]).shape[1:] for i in layers]
 
 

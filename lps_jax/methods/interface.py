@@ -17,6 +17,7 @@ import numpy as np
 
 from lps_jax.align.fit import SecondOrderConfig
 from lps_jax.common import cache as cache_lib
+from lps_jax.training.modelset import NetworkStack
 
 READS_KERNELS, READS_NETWORKS, READS_OUTPUTS = 'kernels', 'networks', 'outputs'  # Method.reads
 
@@ -55,6 +56,13 @@ class Method:
     """An unfitted estimator for `num_classes` tasks (`base.split_seed` seeds what is random)."""
     raise NotImplementedError(f'{type(self).__name__} does not build an estimator')
 
+  def estimator(self, base: SecondOrderConfig, num_classes: int,
+                cache: Optional[cache_lib.Cache] = None) -> Estimator:
+    """`build`, taking either kind of input: a kernel reader also reads the kernels of whole
+    networks (a model set read for other methods of the same run)."""
+    built = self.build(base, num_classes, cache)
+    return OnKernels(built) if self.reads == READS_KERNELS else built
+
   def config(self, base: SecondOrderConfig) -> SecondOrderConfig:
     """The second-order config it trains with (methods without one: `base`)."""
     return base
@@ -80,6 +88,43 @@ class Method:
   def reads_probe_outputs(self) -> bool:
     """Whether it needs the models' outputs on probe images (`zoo.probe.probe_logits`)."""
     return self.reads == READS_OUTPUTS
+
+
+def take(inputs, rows) -> object:
+  """The models `rows` of a method's inputs (a kernels list, entries may be None, or a
+  `NetworkStack`)."""
+  if isinstance(inputs, NetworkStack):
+    return inputs.take(rows)
+  return [None if k is None else np.asarray(k)[rows] for k in inputs]
+
+
+def num_conv(inputs) -> int:
+  """How many conv layers a method's inputs hold."""
+  return inputs.num_conv if isinstance(inputs, NetworkStack) else len(inputs)
+
+
+def kernels_of(inputs) -> list:
+  """The conv kernels of a method's inputs (a `NetworkStack`'s, or the kernels list itself)."""
+  return inputs.kernels if isinstance(inputs, NetworkStack) else inputs
+
+
+class OnKernels:
+  """A kernel-reading estimator that also takes whole networks (their `kernels`)."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def fit(self, inputs, labels, progress: Optional[Callable] = None) -> None:
+    self.inner.fit(kernels_of(inputs), labels, progress=progress)
+
+  def predict(self, inputs) -> np.ndarray:
+    return self.inner.predict(kernels_of(inputs))
+
+  def embed(self, inputs) -> np.ndarray:
+    return self.inner.embed(kernels_of(inputs))
 
 
 class Ensemble:

@@ -174,7 +174,7 @@ class InvariantModel:
   def _raw(self, stack):
     """The node arrays and the unpermuted variables (context) of a stack, unscaled."""
     modelset.require_stack(stack, 'the invariant network')
-    context = np.concatenate([np.asarray(stack.get(p), np.float32).reshape(len(stack[0]), -1)
+    context = np.concatenate([np.asarray(stack.get(p), np.float32).reshape(stack.num_models, -1)
                               for p in self.unpermuted], axis=1)
     return node_arrays(stack, stack.spec(), self.nodes), context
 

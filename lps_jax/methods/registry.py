@@ -87,7 +87,7 @@ class Averaged(Method):
     return tuple(sorted({i for m in self.members for i in get(m).active_layers(base)}))
 
   def build(self, base, num_classes, cache=None):
-    return Ensemble([get(m).build(base, num_classes, cache) for m in self.members])
+    return Ensemble([get(m).estimator(base, num_classes, cache) for m in self.members])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ class NetworkSecondOrder(WholeNetwork):
     return self.config(base).epochs
 
   def reader(self, base, num_classes):
-    return SecondOrderModel(self.config(base), num_classes)
+    return interface.OnKernels(SecondOrderModel(self.config(base), num_classes))
 
 
 @dataclasses.dataclass(frozen=True)

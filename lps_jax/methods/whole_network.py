@@ -38,7 +38,7 @@ def _need_stack(stack) -> NetworkStack:
 
 
 def _objective(stack: NetworkStack) -> list[np.ndarray]:
-  return [a for p, a in zip(stack.paths, stack) if p.startswith(OBJECTIVE)]
+  return [a for p, a in stack.items() if p.startswith(OBJECTIVE)]
 
 
 class Aligner:
@@ -58,9 +58,9 @@ class Aligner:
     self.matcher = matching.WeightMatcher(
         stack.spec(), self.reference_models, self.rounds, self.seed, sorted_start=True,
         cached=None if self.cache is None else self.cache.arrays)
-    chosen = stack.take(self.matcher.reference_rows(len(stack[0])))
+    chosen = stack.take(self.matcher.reference_rows(stack.num_models))
     logging.info('whole-network alignment: a reference from %d training models, %d rounds',
-                 len(chosen[0]), self.rounds)
+                 chosen.num_models, self.rounds)
     self.matcher.fit(stack.model_flats(OBJECTIVE),
                      key={'models': cache_lib.fingerprint(*_objective(chosen))})
     return self
@@ -74,7 +74,7 @@ class Aligner:
     if self.matcher is None:
       raise UserError('Aligner.transform before fit.')
     ref = self.matcher.reference
-    logging.info('whole-network alignment: matching %d models to the reference', len(stack[0]))
+    logging.info('whole-network alignment: matching %d models to the reference', stack.num_models)
     return self.matcher.perms(stack.model_flats(OBJECTIVE), key={
         'reference': cache_lib.fingerprint(*[ref[k] for k in sorted(ref)]),
         'models': cache_lib.fingerprint(*_objective(stack))})
@@ -118,7 +118,7 @@ class FlatProbe:
 
   def _x(self, stack) -> np.ndarray:
     stack = _need_stack(stack)
-    chosen = [np.asarray(a, np.float64).reshape(len(a), -1) for p, a in zip(stack.paths, stack)
+    chosen = [np.asarray(a, np.float64).reshape(len(a), -1) for p, a in stack.items()
               if p.startswith(self.prefixes)]
     if not chosen:
       raise UserError(f'no arrays under {self.prefixes} in this stack.')

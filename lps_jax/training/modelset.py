@@ -219,24 +219,45 @@ def load_kernels(path: str, num_layers: int = 1) -> Kernels:
   return Kernels(kernels, task_id, names, run)
 
 
-class NetworkStack(list):
-  """Every variable of M models as a list of (M, ...) arrays: the conv layers' kernels first,
-  in network order (so `stack[l]` is conv layer l, as in a `Kernels` list, and every
-  kernel-reading method takes it), then the network's other variables (shortcut convs,
-  BatchNorm parameters and statistics, the FC layer) and any derived per-model arrays, each
-  named by `paths` (`lps_jax.symmetry.permutations.flatten` paths, e.g. 'params/dense/kernel').
-  `model` is the ResNetConfig dict the models were built with."""
+@dataclasses.dataclass(frozen=True)
+class NetworkStack:
+  """Every variable of M models, the input of the whole-network methods (an explicit
+  weight-space type, after nfn's): `arrays[i]` (M, ...) is the variable at `paths[i]`
+  (`symmetry.permutations.flatten` paths, e.g. 'params/dense/kernel'); the first `num_conv` are
+  the conv layers' kernels in network order (`kernels`), then the network's other variables
+  (shortcut convs, BatchNorm parameters and statistics, the FC layer) and any derived per-model
+  arrays. `model` is the ResNetConfig dict the models were built with. No member is None."""
+  arrays: tuple
+  paths: tuple
+  model: dict
+  num_conv: int
 
-  def __init__(self, arrays: Sequence[np.ndarray], paths: Sequence[str], model: dict,
-               num_conv: int):
-    super().__init__(arrays)
-    if len(paths) != len(self):
-      raise UserError(f'{len(self)} arrays but {len(paths)} paths.')
-    self.paths, self.model, self.num_conv = list(paths), dict(model), num_conv
+  def __post_init__(self):
+    object.__setattr__(self, 'arrays', tuple(self.arrays))
+    object.__setattr__(self, 'paths', tuple(self.paths))
+    if len(self.paths) != len(self.arrays):
+      raise UserError(f'{len(self.arrays)} arrays but {len(self.paths)} paths.')
+    missing = [p for p, a in zip(self.paths, self.arrays) if a is None]
+    if missing:
+      raise UserError(f'a network stack holds every variable; {missing[:3]} are missing.')
+    rows = {np.shape(a)[0] for a in self.arrays}
+    if len(rows) > 1:
+      raise UserError(f'the variables of a network stack hold {sorted(rows)} models.')
+
+  @property
+  def num_models(self) -> int:
+    return int(np.shape(self.arrays[0])[0]) if self.arrays else 0
+
+  @property
+  def kernels(self) -> list[np.ndarray]:
+    """The conv layers' (M, h, w, c, g) kernels in network order (what kernel readers take)."""
+    return list(self.arrays[:self.num_conv])
+
+  def items(self):
+    return zip(self.paths, self.arrays)
 
   def take(self, rows) -> 'NetworkStack':
-    return NetworkStack([np.asarray(a)[rows] for a in self], self.paths, self.model,
-                        self.num_conv)
+    return dataclasses.replace(self, arrays=[np.asarray(a)[rows] for a in self.arrays])
 
   def spec(self) -> permutations.PermutationSpec:
     """The models' channel symmetry (`resnet.permutation_spec` of their config)."""
@@ -245,25 +266,23 @@ class NetworkStack(list):
   def get(self, path: str) -> np.ndarray:
     if path not in self.paths:
       raise KeyError(f'{path!r} is not in this network stack (it holds {self.paths[:4]}...).')
-    return self[self.paths.index(path)]
+    return self.arrays[self.paths.index(path)]
 
   def with_array(self, path: str, array: np.ndarray) -> 'NetworkStack':
     """This stack with one more (M, ...) array (a derived per-model feature) at the end."""
-    if np.asarray(array).shape[:1] != np.asarray(self[0]).shape[:1]:
-      raise UserError(f'{path}: {np.asarray(array).shape[0]} rows for '
-                       f'{np.asarray(self[0]).shape[0]} models.')
-    return NetworkStack(list(self) + [np.asarray(array)], self.paths + [path], self.model,
-                        self.num_conv)
+    if np.asarray(array).shape[:1] != (self.num_models,):
+      raise UserError(f'{path}: {np.asarray(array).shape[0]} rows for {self.num_models} models.')
+    return dataclasses.replace(self, arrays=self.arrays + (np.asarray(array),),
+                               paths=self.paths + (path,))
 
   def model_flats(self, prefix: str = '') -> list[dict]:
     """One {path: array} dict per model, of the paths that start with `prefix`."""
-    return permutations.unstack({p: a for p, a in zip(self.paths, self) if p.startswith(prefix)})
+    return permutations.unstack({p: a for p, a in self.items() if p.startswith(prefix)})
 
   def replaced(self, flats: Sequence[dict]) -> 'NetworkStack':
     """This stack with the paths the per-model dicts hold restacked from them."""
-    arrays = [np.stack([f[p] for f in flats]) if p in flats[0] else a
-              for p, a in zip(self.paths, self)]
-    return NetworkStack(arrays, self.paths, self.model, self.num_conv)
+    return dataclasses.replace(self, arrays=[np.stack([f[p] for f in flats]) if p in flats[0]
+                                             else a for p, a in self.items()])
 
 
 def require_stack(stack, reader: str) -> NetworkStack:
