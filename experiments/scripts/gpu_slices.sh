@@ -10,7 +10,7 @@
 # most TRAIN_TIMEOUT s that resumes from its checkpoint when rerun while the machine is warm
 # (work dirs under $WORK), (3) packs the finished slices into $OUT/slices.tgz (unpack into
 # results/modelset500/, then: python -m experiments.slices). The last flags win, so a dry run
-# can shrink the recipe (tests/test_gpu_script.py runs it on the CPU).
+# can shrink the recipe (tests/apps/test_gpu_script.py runs it on the CPU).
 set -uo pipefail
 DATA=$1; TASKS=$2; shift 2
 OUT=${OUT:-/tmp/lps_out}; WORK=${WORK:-/tmp/lps_runs}; SLICES=$WORK/slices

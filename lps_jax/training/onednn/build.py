@@ -5,7 +5,7 @@
 Needs the optional extra (`pip install -e .[onednn]` or `-r requirements-onednn.txt`): the
 `onednn-cpu-gomp` wheel (libdnnl.so, GNU OpenMP) and `onednn-devel-cpu-gomp` (its headers), plus
 g++ and jaxlib's XLA FFI headers (`jax.ffi.include_dir()`). The library is built into
-`$LPS_ONEDNN_CACHE` (default `~/.cache/lps_jax/training/onednn`), in a folder named by the hash of the
+`$LPS_ONEDNN_CACHE` (default `~/.cache/lps_jax/onednn`), in a folder named by the hash of the
 source, the compiler command and the jaxlib version, under a file lock so that two processes
 never race; `library_path()` builds it on first use. Anything missing raises
 `OneDNNUnavailable` with one line that says what and how to get it: never a silent fallback.

@@ -75,6 +75,7 @@ def test_task_ranges_and_names():
       data.parse_task_ids(bad)
 
 
+@pytest.mark.slow
 def test_slices_merge_to_the_whole_run_bit_for_bit(sliced, tmp_path):
   root, whole, _ = sliced
   out = str(tmp_path / 'merged.npz')
@@ -118,6 +119,7 @@ def _relabel(src, dst, task=None, seed=None):
   json.dump(record, open(dst / 'slice.json', 'w'))
 
 
+@pytest.mark.slow
 def test_manifest_refuses_what_would_mix_model_sets(sliced, tmp_path):
   root, _, _ = sliced
   bad = tmp_path / 'bad'
@@ -146,6 +148,7 @@ def test_manifest_refuses_what_would_mix_model_sets(sliced, tmp_path):
     manifest.check(str(tmp_path / 'nowhere'))
 
 
+@pytest.mark.slow
 def test_replay_reproduces_a_recorded_model(sliced, data_dir):
   root, _, _ = sliced
   folder = os.path.join(root, 'tasks_00-01')
@@ -164,6 +167,7 @@ def test_replay_reproduces_a_recorded_model(sliced, data_dir):
     slices.replay_check(folder, data_dir, (5, 0))
 
 
+@pytest.mark.slow
 def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sliced, test_split):
   """A whole slice reads back as the run that trained it: conv1 exact, every other variable
   float16-rounded, the trajectory's last epoch equal to the final first layer, the logits
@@ -199,6 +203,7 @@ def test_whole_slices_hold_every_variable_the_trajectory_and_the_probe_logits(sl
     slice_models.check_probe(np.repeat([0, 1], 2))     # a folder of one task's classes
 
 
+@pytest.mark.slow
 def test_whole_network_methods_run_on_a_folder_of_slices(sliced, tmp_path):
   """lps_main's loading reads a slices folder as its whole models: the functional reference
   from the stored logits (no images), weight-space methods from every variable."""

@@ -15,7 +15,7 @@ import pytest
 from lps_jax.common import cache as cache_lib
 from lps_jax.evaluation import results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*args):
@@ -40,6 +40,7 @@ def _accuracies_in_range(acc):
   assert acc['top-1'] <= acc['top-5'] <= acc['top-10']
 
 
+@pytest.mark.slow
 def test_branches_one_bar_per_branch_and_rerun_reuses_cache(tiny_set, tmp_path):
   args = ['--mode=branches', '--branches=1,3,7'] + _common(tiny_set, tmp_path, 'b')
   _ok(_run(*args))
@@ -69,6 +70,7 @@ def test_branches_one_bar_per_branch_and_rerun_reuses_cache(tiny_set, tmp_path):
   assert os.path.exists(tmp_path / 'b' / 'fig3b_branches.png')
 
 
+@pytest.mark.slow
 def test_alignment_ablation_four_variants_per_branch(tiny_set, tmp_path):
   _ok(_run('--mode=alignment', '--branches=2,5', *_common(tiny_set, tmp_path, 'a')))
   res = json.load(open(tmp_path / 'a' / 'results.json'))
@@ -82,6 +84,7 @@ def test_alignment_ablation_four_variants_per_branch(tiny_set, tmp_path):
   assert '| 5 |' in text and 'filt. + chan.' in text
 
 
+@pytest.mark.slow
 def test_transfer_similarity_and_ari(tiny_set, tmp_path):
   _ok(_run('--mode=transfer', '--test_tasks=3', '--num_permutations=50',
            *_common(tiny_set, tmp_path, 't')))
@@ -97,6 +100,7 @@ def test_transfer_similarity_and_ari(tiny_set, tmp_path):
   assert os.path.getsize(tmp_path / 't' / 'fig3a_transfer.png') > 1000
 
 
+@pytest.mark.slow
 def test_figure_modes_bad_input(tiny_set, tmp_path):
   r = _run('--mode=branches', '--branches=1,8', *_common(tiny_set, tmp_path, 'x'))
   assert r.returncode != 0 and 'out of range' in r.stderr and '1..7' in r.stderr
@@ -150,6 +154,7 @@ def test_results_dir_and_cache_units(tmp_path):
   assert cache_lib.fingerprint(np.zeros(3)) != cache_lib.fingerprint(np.zeros(4))
 
 
+@pytest.mark.slow
 def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
   from lps_jax.training import modelset
   ms = modelset.load(tiny_set)
@@ -172,6 +177,7 @@ def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
   assert bad.returncode != 0 and 'has no models of tasks [3, 4, 5]' in bad.stderr
 
 
+@pytest.mark.slow
 def test_table1_whole_network_methods_and_the_functional_reference(tiny_set, tmp_path, data_dir):
   args = ['--mode=classification', '--methods=wn_probe,wn_probe_unaligned,functional'] + _common(
       tiny_set, tmp_path, 'wn')
@@ -187,6 +193,7 @@ def test_table1_whole_network_methods_and_the_functional_reference(tiny_set, tmp
   assert 'functional reference' in text and 'Git Re-Basin' in text
 
 
+@pytest.mark.slow
 def test_branches_with_and_without_whole_network_alignment(tiny_set, tmp_path):
   _ok(_run('--mode=branches', '--branches=1,4', '--branch_methods=lps,wn_branch',
            *_common(tiny_set, tmp_path, 'bw')))

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import onednn_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # subprocesses / training: the fast tier skips it
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*args):

@@ -17,7 +17,9 @@ import pytest
 
 from lps_jax.training import modelset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow   # subprocesses / training: the fast tier skips it
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ['--dataset=npz', '--num_tasks=2', '--runs_per_task=4', '--widths=4,8,8',
         '--blocks_per_stage=1,1,1', '--epochs=2', '--batch_size=250', '--lr_boundaries=1',
         '--models_per_chunk=8', '--checkpoint_every=1', '--eval_every=1', '--noprogress',

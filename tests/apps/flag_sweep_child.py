@@ -1,6 +1,6 @@
 """Driver of test_flag_sweep: runs one app on many command lines, each in a forked child.
 
-  python tests/flag_sweep_child.py APP SPEC.json OUT.json
+  python tests/apps/flag_sweep_child.py APP SPEC.json OUT.json
 
 SPEC: {"base": [args], "strings": {flag: [[value, [extra args]], ...]}, "exempt": [flags],
 "tmp": dir}. Generated bad values per flag type (ints: -1 and a word; floats: nan and -1;
@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 60.0
 
 GENERATED = {'IntegerParser': ['-1', 'seven'], 'FloatParser': ['nan', '-1'],

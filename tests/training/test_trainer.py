@@ -15,7 +15,7 @@ import pytest
 from lps_jax.training import data, modelset, popmap, resnet, trainer, workdir
 from lps_jax.training.config import ExecutionConfig, PopulationConfig, TrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
 
 
@@ -30,6 +30,7 @@ def _config(epochs=2, tasks=(0, 1), runs=2, lr=0.1, batch_size=250):
                                             learning_rate=lr, lr_boundaries=(max(1, epochs - 1),)))
 
 
+@pytest.mark.slow
 def test_trained_population_beats_chance_and_compiles_once(splits, tmp_path):
   cfg = _config(epochs=3, tasks=(1, 4), batch_size=100)
   ex = ExecutionConfig(models_per_chunk=2, eval_every=3)       # the CPU default: loop, split
@@ -53,6 +54,7 @@ class _Kill(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(splits, tmp_path):
   cfg = _config(epochs=4, tasks=(0, 1, 2), runs=1)
   ex = ExecutionConfig('unroll', 'lax', models_per_chunk=2, num_devices=2, checkpoint_every=1)
@@ -77,6 +79,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(splits, tmp_path):
   np.testing.assert_array_equal(resumed.heldout_accuracy, full.heldout_accuracy)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_finished_work_and_the_rerun_resumes(splits, tmp_path, monkeypatch):
   """ENOSPC while checkpointing, then while writing a finished chunk: each a TrainingError that
   says so; the last good checkpoint and the finished chunk survive; the rerun finishes equal to
@@ -159,6 +162,7 @@ def _stamps(wd):
   return {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, 'chunks', '*', 'meta.json'))}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tmp_path):
   ref = str(tmp_path / 'ref')
   r = subprocess.run(_app(ref), cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -195,6 +199,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
   assert glob.glob(os.path.join(wd, '**', '*.tmp*'), recursive=True, include_hidden=True) == []
 
 
+@pytest.mark.slow
 def test_bad_runs_are_clear_errors(splits, tmp_path):
   ex = ExecutionConfig('loop', 'lax', 'fused', models_per_chunk=2, checkpoint_every=1)
   with pytest.raises(workdir.TrainingError, match='NaN/Inf training loss'):
@@ -234,7 +239,7 @@ def test_modelset_errors(tmp_path):
 
 def test_kernel_files_handed_in(tmp_path):
   """Each way a kernels file can be wrong is one ModelSetError saying what it is."""
-  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results',
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'results',
                      'test_split_gpu', 'modelset', 'first_layer_kernels.npz')
   with np.load(src) as f:
     good = {k: f[k] for k in f.files}
@@ -257,6 +262,7 @@ def test_kernel_files_handed_in(tmp_path):
     modelset.load_kernels(str(tmp_path / 'folder.npz'))
 
 
+@pytest.mark.slow
 def test_one_run_per_workdir(splits, tmp_path):
   wd = str(tmp_path / 'wd')
   with workdir.exclusive(wd):                      # a run holds it (here: this test)

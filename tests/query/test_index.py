@@ -12,7 +12,7 @@ import pytest
 from lps_jax.zoo import foreign_checkpoints as checkpoints
 from lps_jax.training import modelset, resnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 TORCH_NAMES = ['conv1.weight'] + [f'layers.{b}.conv{i}.weight' for b in range(3) for i in (1, 2)]
 
@@ -106,6 +106,7 @@ def _query(*args):
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
+@pytest.mark.slow
 def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   paths, _ = _write_all_formats(tmp_path, tiny_set)
   index = f'--index={tmp_path}/index'
@@ -140,6 +141,7 @@ def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   assert r.returncode != 0 and 'none: not found. Build one with --build' in r.stderr
 
 
+@pytest.mark.slow
 def test_a_width_free_probe_index_names_a_wider_models_task(tmp_path, tiny_set):
   """An index of the Gram probe (layer 1, any width) round-trips through its folder and answers
   a 2x-wide copy of a model (each first-layer filter twice: the same Gram matrix and mean

@@ -15,7 +15,7 @@ from lps_jax.training import config as train_config
 from lps_jax.training.onednn import build
 
 pytestmark = requires_onednn
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (side, c_in, c_out, kernel, stride): the stem, each stage's 3x3 convs, the stride-2 3x3 and
 # 1x1 shortcut convs of ResNet-20; then odd sizes, rectangular images, stride 2 on odd sides.
@@ -121,6 +121,7 @@ def test_missing_pieces_are_named_in_one_line(tmp_path, monkeypatch):
     train_config.ExecutionConfig('vmap', 'onednn').resolve('gpu')
 
 
+@pytest.mark.slow
 def test_two_processes_build_once(tmp_path):
   env = dict(os.environ, **{build.CACHE_ENV: str(tmp_path)})
   cmd = [sys.executable, '-m', 'lps_jax.training.onednn.build']
@@ -132,6 +133,7 @@ def test_two_processes_build_once(tmp_path):
   assert built == [paths[0]], built                 # one library, no half-written leftovers
 
 
+@pytest.mark.slow
 def test_app_names_what_is_missing(tmp_path):
   env = dict(os.environ, **{build.CACHE_ENV: str(tmp_path), 'CXX': 'no-such-compiler'})
   r = subprocess.run([sys.executable, '-m', 'experiments.train_population', '--task_ids=0',

@@ -9,7 +9,7 @@ import pytest
 from lps_jax.common import locks
 from lps_jax.evaluation import results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_second_holder_refused_until_the_first_lets_go(tmp_path):

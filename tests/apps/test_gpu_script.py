@@ -5,13 +5,14 @@ import os
 import subprocess
 import tarfile
 
+import pytest
 import numpy as np
 
 from lps_jax.training import data
 from lps_jax.zoo import manifest, stage
 from lps_jax.zoo import probe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ['--runs_per_task=2', '--epochs=2', '--lr_boundaries=1', '--widths=4,8,8',
         '--blocks_per_stage=1,1,1', '--batch_size=250', '--checkpoint_every=1']
 
@@ -36,6 +37,7 @@ def test_staged_parts_hold_the_full_folders_tasks(data_dir, tmp_path):
                                 probe.probe_images(whole_test.images, whole_test.labels))
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_on_cpu(data_dir, tmp_path):
   stage.stage(data_dir, [0, 1], str(tmp_path / 'stage'), part_mib=5)    # one task per part
   env = dict(os.environ, OUT=str(tmp_path / 'out'), WORK=str(tmp_path / 'work'), BENCH='1',

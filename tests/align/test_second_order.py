@@ -10,7 +10,7 @@ from lps_jax.evaluation import protocols
 from lps_jax.align import second_order
 from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel
 
-KERNELS = os.path.join(os.path.dirname(__file__), '..', 'results', 'test_split_gpu', 'modelset',
+KERNELS = os.path.join(os.path.dirname(__file__), '..', '..', 'results', 'test_split_gpu', 'modelset',
                        'first_layer_kernels.npz')
 
 

@@ -2,7 +2,7 @@
 so do an unknown flag, a missing flagfile, a folder as flagfile, a flagfile naming an unknown
 flag).
 
-Generated from the apps' own flag definitions (tests/flag_sweep_child.py): a flag added later
+Generated from the apps' own flag definitions (tests/apps/flag_sweep_child.py): a flag added later
 is swept too, and a string flag (whose bad values depend on what it names) must be listed in
 STRINGS or EXEMPT, or this test fails. Each case must exit non-zero, print no traceback, print
 exactly one line (besides log lines) and that line must name the flag; no case may write
@@ -19,7 +19,7 @@ import pytest
 
 from lps_jax.common import locks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = 'results/test_split_gpu/modelset/first_layer_kernels.npz'
 
 MISSING, A_FILE, UNDER_FILE, A_DIR = '{tmp}/missing', '{tmp}/afile', '{tmp}/afile/sub', '{tmp}'
@@ -121,7 +121,7 @@ def test_every_flag_refuses_a_bad_value_in_one_line(app, tmp_path):
           'exempt': sorted(EXEMPT.get(app, {}))}
   (tmp_path / 'spec.json').write_text(json.dumps(spec))
   before = _tree()
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'flag_sweep_child.py'), app,
+  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'apps', 'flag_sweep_child.py'), app,
                       str(tmp_path / 'spec.json'), str(tmp_path / 'out.json')],
                      capture_output=True, text=True, timeout=600,
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -149,6 +149,8 @@ _PARSE_FLAGFILES = """
 import importlib, json, sys
 sys.path.insert(0, {root!r})
 from absl import flags
+
+pytestmark = pytest.mark.slow   # subprocesses / training: the fast tier skips it
 importlib.import_module('experiments.' + sys.argv[1])
 out = {{}}
 for path in sys.argv[2:]:
