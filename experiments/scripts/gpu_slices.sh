@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ModelSet500 slices on a lent GPU (issue 17), one device call per staged part.
+# ModelSet500 slices on a lent GPU, one device call per staged part.
 #
 # Here (CPU machine), before the first call:
 #   python -m experiments.slices --action=stage --task_ids=10-49      # .stage/part_K, <= 56 MiB

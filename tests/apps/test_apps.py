@@ -32,7 +32,7 @@ def test_train_population_too_many_tasks(tmp_path, data_dir):
 
 
 def test_train_population_bad_flags_fail_before_training(tmp_path):
-  """The examples of issue 19: each a one-line error naming the flag, before any compile."""
+  """Bad flags of train_population: each a one-line error naming the flag, before any compile."""
   base = ['experiments.train_population', '--dataset=npz', '--task_ids=0', '--epochs=2',
           '--lr_boundaries=1', f'--workdir={tmp_path}/wd']
   for flag, says in (('--batch_size=0', '--batch_size=0: must be an integer >= 1'),

@@ -19,6 +19,8 @@ import pytest
 
 from lps_jax.common import locks
 
+pytestmark = pytest.mark.slow   # subprocesses / training: the fast tier skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = 'results/test_split_gpu/modelset/first_layer_kernels.npz'
 
@@ -149,8 +151,6 @@ _PARSE_FLAGFILES = """
 import importlib, json, sys
 sys.path.insert(0, {root!r})
 from absl import flags
-
-pytestmark = pytest.mark.slow   # subprocesses / training: the fast tier skips it
 importlib.import_module('experiments.' + sys.argv[1])
 out = {{}}
 for path in sys.argv[2:]:
