@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lps_jax.training import data, trainer
-from lps_jax.training import config as train_config
-from lps_jax.training import step as train_step
 from lps_jax.common.errors import UserError
+from lps_jax.training import config as train_config
+from lps_jax.training import data, trainer
+from lps_jax.training import step as train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

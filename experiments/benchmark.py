@@ -40,10 +40,10 @@ from experiments import bench_kernels, bench_lib, flagdefs
 from lps_jax.common import files
 
 from lps_jax import align
-from lps_jax.training import resnet
 from lps_jax.common.checks import Range
-from lps_jax.training import data as data_lib
 from lps_jax.training import config as train_config
+from lps_jax.training import data as data_lib
+from lps_jax.training import resnet
 
 SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'breakdown', 'align', 'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],

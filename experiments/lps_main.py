@@ -21,10 +21,10 @@ import time
 from absl import flags
 
 from experiments import flagdefs, lps_modes, lps_render
-from lps_jax.methods import registry as methods
 from lps_jax.align import fit as second_order_fit
 from lps_jax.common.checks import Range
 from lps_jax.common.errors import UserError
+from lps_jax.methods import registry as methods
 
 flags.DEFINE_enum('mode', 'classification', list(lps_modes.MODES),
                   ' '.join(f'{m.name}: {m.help}' for m in lps_modes.MODES.values()))

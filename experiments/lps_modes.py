@@ -13,15 +13,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from experiments import lps_render
-from lps_jax.training import data
-from lps_jax.methods import interface
-from lps_jax.methods import registry as methods
-from lps_jax.training import modelset
-from lps_jax.evaluation import protocols
-from lps_jax.training import resnet
-from lps_jax.zoo import manifest as manifest_lib
 from lps_jax.align.fit import SecondOrderConfig
 from lps_jax.common.errors import UserError
+from lps_jax.evaluation import protocols
+from lps_jax.methods import interface
+from lps_jax.methods import registry as methods
+from lps_jax.training import data
+from lps_jax.training import modelset
+from lps_jax.training import resnet
+from lps_jax.zoo import manifest as manifest_lib
 
 
 @dataclasses.dataclass

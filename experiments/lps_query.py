@@ -18,13 +18,13 @@ from absl import flags
 
 from lps_jax.common.errors import UserError
 from experiments import flagdefs
-from lps_jax.zoo import foreign_checkpoints as checkpoints
-from lps_jax.query import index
-from lps_jax.common import locks
-from lps_jax.methods import registry as methods
-from lps_jax.training import modelset
 from lps_jax.align import fit as second_order_fit
+from lps_jax.common import locks
 from lps_jax.common.checks import Range
+from lps_jax.methods import registry as methods
+from lps_jax.query import index
+from lps_jax.training import modelset
+from lps_jax.zoo import foreign_checkpoints as checkpoints
 
 flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset first.')
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz',

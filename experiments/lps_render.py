@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from lps_jax.methods import registry as methods
 from lps_jax.evaluation import plots
+from lps_jax.methods import registry as methods
 
 PAPER_FIGURES = {
     'transfer': 'Fig. 3a shows similarity roughly proportional to ARI, with outliers (no numbers).',

@@ -18,14 +18,14 @@ import numpy as np
 from absl import flags
 
 from experiments import flagdefs
-from lps_jax.zoo import foreign_checkpoints as checkpoints
-from lps_jax.query import index
-from lps_jax.methods import registry as methods
-from lps_jax.evaluation import metrics
-from lps_jax.training import modelset
 from lps_jax.align import fit as second_order_fit
 from lps_jax.common.checks import Range
 from lps_jax.common.errors import UserError
+from lps_jax.evaluation import metrics
+from lps_jax.methods import registry as methods
+from lps_jax.query import index
+from lps_jax.training import modelset
+from lps_jax.zoo import foreign_checkpoints as checkpoints
 
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz', 'Indexed set.')
 flags.DEFINE_integer('index_runs', 8, 'Runs per task in the index; the rest are queries.')

@@ -22,11 +22,11 @@ import sys
 from absl import flags
 
 from experiments import flagdefs
+from lps_jax.common.checks import Range
+from lps_jax.common.errors import UserError
 from lps_jax.training import data as data_lib
 from lps_jax.zoo import manifest as manifest_lib
 from lps_jax.zoo import slice_folder as slices
-from lps_jax.common.checks import Range
-from lps_jax.common.errors import UserError
 
 flags.DEFINE_enum('action', 'merge', ['check', 'merge', 'export', 'replay', 'stage'],
                   'What to do.')

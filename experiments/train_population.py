@@ -17,11 +17,11 @@ from absl import flags, logging
 
 from lps_jax.common.errors import UserError
 from experiments import flagdefs
+from lps_jax.common.checks import Range
+from lps_jax.training import config as train_config
 from lps_jax.training import data as data_lib
 from lps_jax.training import resnet
 from lps_jax.zoo import slice_folder as slices
-from lps_jax.training import config as train_config
-from lps_jax.common.checks import Range
 
 flagdefs.define(train_config.TrainConfig)
 flagdefs.define(train_config.PopulationConfig, skip=('task_ids',))

@@ -8,8 +8,8 @@ import pytest
 
 jax.config.update('jax_num_cpu_devices', 2)
 
-from lps_jax.training import data, modelset, resnet
 from lps_jax.training import config as train_config  # noqa: E402  (after the device count)
+from lps_jax.training import data, modelset, resnet
 
 if data.default_data_dir():  # Subprocesses (the apps) inherit an absolute path.
   os.environ[data.DATA_DIR_ENV] = os.path.abspath(data.default_data_dir())

@@ -1,4 +1,5 @@
-"""The paper's LPS: Eq. 5-8 as pure functions, the second-order network (Flax branches) and its fit (Eq. 9).
+"""The paper's LPS: Eq. 5-8 as pure functions, the second-order network (Flax branches) and
+its fit (Eq. 9).
 
 `lps_jax.align` itself is Eq. 5-8 (`lps_jax.align.alignment`).
 """

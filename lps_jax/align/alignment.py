@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lps_jax.training import popmap
 from lps_jax.common.errors import UserError
+from lps_jax.training import popmap
 
 
 __all__ = ['CHANNEL_IMPLS', 'frobenius_scores', 'channel_max', 'first_layer_scores', 'sort_filters',

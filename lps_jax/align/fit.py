@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lps_jax.common import checks as config_checks
-from lps_jax.training import popmap
-from lps_jax.common.checks import Range, valid
 from lps_jax.align.second_order import (FEATURE_NORMS, METHODS, STATS, SecondOrderNet, embedding,
                                         eq9_loss, mixture_probs)
+from lps_jax.common import checks as config_checks
+from lps_jax.common.checks import Range, valid
 from lps_jax.common.errors import UserError, Diverged
+from lps_jax.training import popmap
 
 
 INT0, INT1 = Range(0, integer=True), Range(1, integer=True)

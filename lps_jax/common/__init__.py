@@ -1,1 +1,2 @@
-"""Shared plumbing: user errors, atomic files, folder locks, config field rules."""
+"""Shared plumbing: user errors, atomic files, the content-addressed cache, folder locks,
+config field rules."""

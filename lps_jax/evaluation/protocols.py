@@ -15,13 +15,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from lps_jax.align.fit import SecondOrderConfig
+from lps_jax.common import cache as cache_lib
+from lps_jax.common.errors import UserError
+from lps_jax.evaluation import metrics
+from lps_jax.evaluation import transfer
 from lps_jax.methods import interface
 from lps_jax.methods import registry as methods
-from lps_jax.evaluation import metrics
-from lps_jax.common import cache as cache_lib
-from lps_jax.evaluation import transfer
-from lps_jax.align.fit import SecondOrderConfig
-from lps_jax.common.errors import UserError
 
 # Fig. 3c variants for layers >= 2: (label, methods.REGISTRY name).
 ALIGNMENT_VARIANTS = (('w/o align', 'unaligned'), ('filt.', 'filter_only'),
@@ -159,7 +159,8 @@ def run_transfer(kernels, task_id, params, batch_stats, images, labels, model_co
   """
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   model = fit('lps', _seeded(config, split_seed), split.train_tasks.size,
-              interface.take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              interface.take(kernels, split.train),
+              _relabel(task_id[split.train], split.train_tasks),
               cache, progress)
   rows = np.flatnonzero(np.isin(task_id, split.test_tasks))
   tasks, sim = transfer.task_similarity(model.embed(interface.take(kernels, rows)), task_id[rows])
@@ -203,7 +204,8 @@ def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
   """Table 2 for one method and split: CMC rank-k and mAP of query vs gallery models."""
   split = retrieval_split(task_id, test_tasks=test_tasks, seed=split_seed)
   model = fit(method, _seeded(config, split_seed), split.train_tasks.size,
-              interface.take(kernels, split.train), _relabel(task_id[split.train], split.train_tasks),
+              interface.take(kernels, split.train),
+              _relabel(task_id[split.train], split.train_tasks),
               cache, progress)
   sim = metrics.cosine_similarity(model.embed(interface.take(kernels, split.query)),
                                   model.embed(interface.take(kernels, split.gallery)))

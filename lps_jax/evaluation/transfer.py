@@ -18,10 +18,10 @@ from scipy import stats
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from lps_jax.training import data as data_lib
-from lps_jax.training import resnet
 from lps_jax.common import cache as cache_lib
 from lps_jax.common.errors import UserError
+from lps_jax.training import data as data_lib
+from lps_jax.training import resnet
 
 
 def task_similarity(embeddings: np.ndarray, task_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

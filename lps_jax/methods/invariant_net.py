@@ -31,10 +31,10 @@ import numpy as np
 import optax
 
 from lps_jax.common import checks as config_checks
-from lps_jax.training import modelset
 from lps_jax.common.checks import Range, valid
-from lps_jax.training.modelset import NetworkStack
 from lps_jax.common.errors import UserError, Diverged
+from lps_jax.training import modelset
+from lps_jax.training.modelset import NetworkStack
 
 INT1 = Range(1, integer=True)
 

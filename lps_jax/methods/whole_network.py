@@ -24,11 +24,11 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from lps_jax.training import modelset
-from lps_jax.symmetry import matching, permutations
 from lps_jax.common import cache as cache_lib
-from lps_jax.training.modelset import NetworkStack
 from lps_jax.common.errors import UserError
+from lps_jax.symmetry import matching, permutations
+from lps_jax.training import modelset
+from lps_jax.training.modelset import NetworkStack
 
 OBJECTIVE = 'params/'   # weight matching scores parameters, not running statistics
 

@@ -17,12 +17,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from lps_jax.methods import probes as baselines
-from lps_jax.methods import registry as methods
-from lps_jax.training import resnet
 from lps_jax.align.fit import SecondOrderConfig
 from lps_jax.common import files
 from lps_jax.common.errors import UserError
+from lps_jax.methods import probes as baselines
+from lps_jax.methods import registry as methods
+from lps_jax.training import resnet
 
 FORMAT = 1
 

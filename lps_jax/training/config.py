@@ -21,9 +21,9 @@ from typing import Optional
 import jax
 
 from lps_jax.common import checks as config_checks
-from lps_jax.training import data, resnet
 from lps_jax.common.checks import Range, valid
 from lps_jax.common.errors import UserError
+from lps_jax.training import data, resnet
 
 # Per-model execution strategies (lps_jax.training.popmap): loop = one program per model, models spread
 # over the devices; vmap / unroll = one program for a device's models, inside shard_map.
@@ -110,7 +110,8 @@ class TrainConfig:
 class PopulationConfig:
   """Everything that determines a trained population (saved with checkpoints and model set)."""
   task_ids: tuple[int, ...] = dataclasses.field(
-      default=tuple(range(data.NUM_TASKS)), metadata=_help('Tasks r (fine labels 2r, 2r+1) to train.'))
+      default=tuple(range(data.NUM_TASKS)),
+      metadata=_help('Tasks r (fine labels 2r, 2r+1) to train.'))
   runs_per_task: int = dataclasses.field(
       default=10, metadata=valid(INT1, 'Independent runs (models) per task.'))
   seed: int = dataclasses.field(default=0, metadata=valid(INT0, 'Base seed of every model key.'))

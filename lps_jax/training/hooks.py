@@ -50,7 +50,8 @@ class Progress:
 
   def __init__(self, bar, evaluate: Callable[[Any], np.ndarray], eval_every: int,
                models_done: int):
-    self.bar, self.evaluate, self.eval_every, self.models_done = bar, evaluate, eval_every, models_done
+    self.bar, self.evaluate, self.eval_every = bar, evaluate, eval_every
+    self.models_done = models_done
 
   def __call__(self, epoch: EpochEnd) -> None:
     postfix = {'chunk': epoch.chunk_index + 1, 'models_done': self.models_done,

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lps_jax.symmetry import permutations
-from lps_jax.training import resnet
 from lps_jax.common import files
 from lps_jax.common.errors import UserError
+from lps_jax.symmetry import permutations
+from lps_jax.training import resnet
 
 
 class ModelSetError(UserError):

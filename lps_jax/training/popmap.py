@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lps_jax.training import distributed
 from lps_jax.common.errors import UserError
+from lps_jax.training import distributed
 
 STRATEGIES = ('loop', 'vmap', 'unroll')
 MODEL_AXIS = 'models'

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lps_jax.common import checks as config_checks
-from lps_jax.symmetry import permutations
 from lps_jax.common.checks import Range, valid
+from lps_jax.common.errors import UserError
+from lps_jax.symmetry import permutations
 from lps_jax.training.onednn import conv as onednn_conv   # built and loaded only when used
 from lps_jax.training.onednn.conv import same_padding
-from lps_jax.common.errors import UserError
 
 # lax: XLA's conv; im2col: patches @ kernel; lax_bf16: bfloat16 inputs, float32 accumulation;
 # onednn / onednn_bf16: the same conv as oneDNN custom calls (lps_jax.training.onednn, optional extra).

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from lps_jax.common.errors import UserError
 from lps_jax.training import data as data_lib
 from lps_jax.training import distributed, modelset, popmap, resnet, workdir
 from lps_jax.training import hooks as hooks_lib
@@ -32,7 +33,6 @@ from lps_jax.training.config import ExecutionConfig, PopulationConfig
 from lps_jax.training.step import (apply_gradients, eval_step, forward_and_vjp, init_model_state,
                                    make_optimizer, model_key, train_step)
 from lps_jax.training.workdir import TrainingError, TrainingStopped
-from lps_jax.common.errors import UserError
 
 
 @dataclasses.dataclass

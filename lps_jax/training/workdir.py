@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lps_jax.training import distributed
-from lps_jax.common import locks
-from lps_jax.training.config import PopulationConfig
 from lps_jax.common import files
+from lps_jax.common import locks
 from lps_jax.common.errors import UserError
+from lps_jax.training import distributed
+from lps_jax.training.config import PopulationConfig
 
 
 class TrainingStopped(Exception):
@@ -72,7 +72,8 @@ def remove_partial_writes(path: str) -> list[str]:
            for p in glob.glob(os.path.join(path, pattern))]
   for p in stale:
     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-  for folder in [path] + glob.glob(os.path.join(path, '*/')) + glob.glob(os.path.join(path, 'ckpt/*/')):
+  folders = [path] + glob.glob(os.path.join(path, '*/')) + glob.glob(os.path.join(path, 'ckpt/*/'))
+  for folder in folders:
     stale += files.remove_stale_temporaries(folder)
   return stale
 

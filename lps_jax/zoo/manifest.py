@@ -16,8 +16,8 @@ import numpy as np
 
 from lps_jax.common import files
 from lps_jax.training import modelset
-from lps_jax.zoo import whole_models
 from lps_jax.training.data import NUM_TASKS
+from lps_jax.zoo import whole_models
 from lps_jax.zoo.slice_folder import SliceError, read
 
 
@@ -134,7 +134,8 @@ def is_slices_root(path: str) -> bool:
 def whole_slices(root: str) -> list[str]:
   """The slice folders under `root` that keep their models whole, in task order."""
   return sorted(os.path.join(root, d) for d in os.listdir(root)
-                if d.startswith('tasks_') and os.path.isfile(os.path.join(root, d, whole_models.MODELS)))
+                if d.startswith('tasks_')
+                and os.path.isfile(os.path.join(root, d, whole_models.MODELS)))
 
 
 def load_whole(root: str, tasks: Optional[Sequence[int]] = None) -> whole_models.WholeModels:
@@ -143,8 +144,8 @@ def load_whole(root: str, tasks: Optional[Sequence[int]] = None) -> whole_models
   folders = whole_slices(root)
   if not folders:
     raise modelset.ModelSetError(
-        f'{root} holds no slice with whole models ({whole_models.MODELS}; slices from task 12 on keep '
-        'them): pass a model set folder, or train a slice with train_population '
+        f'{root} holds no slice with whole models ({whole_models.MODELS}; slices from task 12 on '
+        'keep them): pass a model set folder, or train a slice with train_population '
         '--flagfile=experiments/flags/modelset500.flags --task_ids=A-B.')
   parts = []
   for folder in folders:

@@ -30,10 +30,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lps_jax.training import modelset, resnet
 from lps_jax.common import files
-from lps_jax.training import hooks, workdir
 from lps_jax.common.errors import UserError
+from lps_jax.training import hooks, workdir
+from lps_jax.training import modelset, resnet
 
 KERNELS, RECORD = 'kernels.npz', 'slice.json'
 RECORD_EPOCHS = 2          # the replay check compares each model's first layer after this many epochs

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from lps_jax.common.errors import UserError
 from lps_jax.training import data
 from lps_jax.zoo import whole_models as slice_models
-from lps_jax.common.errors import UserError
 
 BYTES_PER_TASK = 1200 * 32 * 32 * 3   # 1,000 train + 200 test images, uncompressed
 PROBE_BYTES = data.NUM_CLASSES * slice_models.PROBE_PER_CLASS * 32 * 32 * 3   # per part, at most

@@ -26,10 +26,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from lps_jax.training import modelset
-from lps_jax.symmetry import permutations
 from lps_jax.common import files
 from lps_jax.common.errors import UserError
+from lps_jax.symmetry import permutations
+from lps_jax.training import modelset
 
 MODELS = 'models.safetensors'
 FORMAT = 'lps-jax/modelset-whole/1'

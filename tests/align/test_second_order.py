@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lps_jax.training import modelset
-from lps_jax.evaluation import protocols
 from lps_jax.align import second_order
 from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel
+from lps_jax.evaluation import protocols
+from lps_jax.training import modelset
 
 KERNELS = os.path.join(os.path.dirname(__file__), '..', '..', 'results', 'test_split_gpu', 'modelset',
                        'first_layer_kernels.npz')

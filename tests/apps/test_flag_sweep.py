@@ -123,9 +123,9 @@ def test_every_flag_refuses_a_bad_value_in_one_line(app, tmp_path):
           'exempt': sorted(EXEMPT.get(app, {}))}
   (tmp_path / 'spec.json').write_text(json.dumps(spec))
   before = _tree()
-  r = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'apps', 'flag_sweep_child.py'), app,
-                      str(tmp_path / 'spec.json'), str(tmp_path / 'out.json')],
-                     capture_output=True, text=True, timeout=600,
+  child = os.path.join(ROOT, 'tests', 'apps', 'flag_sweep_child.py')
+  r = subprocess.run([sys.executable, child, app, str(tmp_path / 'spec.json'),
+                      str(tmp_path / 'out.json')], capture_output=True, text=True, timeout=600,
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.load(open(tmp_path / 'out.json'))

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax.training import data, resnet
 from lps_jax.evaluation import transfer
+from lps_jax.training import data, resnet
 
 
 def test_task_similarity_means_model_pairs():

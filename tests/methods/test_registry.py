@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax.methods import probes as baselines
-from lps_jax.symmetry import matching, permutations
-from lps_jax.symmetry.permutations import PermutationSpec
-from lps_jax.methods import registry as methods
-from lps_jax.training import modelset
+from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel, validation_rows
 from lps_jax.common import cache as cache_lib
 from lps_jax.evaluation import protocols
-from lps_jax.align.fit import SecondOrderConfig, SecondOrderModel, validation_rows
+from lps_jax.methods import probes as baselines
+from lps_jax.methods import registry as methods
+from lps_jax.symmetry import matching, permutations
+from lps_jax.symmetry.permutations import PermutationSpec
+from lps_jax.training import modelset
 
 
 def _chain(rng, m=4, widths=(3, 5, 6)):

@@ -6,15 +6,15 @@ import jax
 import numpy as np
 import pytest
 
+from lps_jax.align.fit import SecondOrderConfig
+from lps_jax.evaluation import protocols
 from lps_jax.methods import invariant_net
 from lps_jax.methods import registry as methods
-from lps_jax.training import modelset
-from lps_jax.symmetry import permutations
-from lps_jax.evaluation import protocols
-from lps_jax.training import resnet
 from lps_jax.methods import whole_network
+from lps_jax.symmetry import permutations
+from lps_jax.training import modelset
+from lps_jax.training import resnet
 from lps_jax.zoo import probe
-from lps_jax.align.fit import SecondOrderConfig
 
 TINY = resnet.ResNetConfig((2, 1, 1), (4, 6, 8))   # with shortcut convs in stages 2 and 3
 

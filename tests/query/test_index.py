@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lps_jax.zoo import foreign_checkpoints as checkpoints
 from lps_jax.training import modelset, resnet
+from lps_jax.zoo import foreign_checkpoints as checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')

@@ -7,15 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from lps_jax.training import data
-from lps_jax.zoo import manifest
-from lps_jax.training import modelset
 from lps_jax.symmetry import permutations
+from lps_jax.training import data
+from lps_jax.training import modelset
 from lps_jax.training import resnet
-from lps_jax.zoo import whole_models as slice_models
-from lps_jax.zoo import slice_folder as slices
 from lps_jax.training import trainer, workdir
 from lps_jax.training.config import ExecutionConfig, PopulationConfig, TrainConfig
+from lps_jax.zoo import manifest
+from lps_jax.zoo import slice_folder as slices
+from lps_jax.zoo import whole_models as slice_models
 
 TINY = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
 EX = ExecutionConfig(models_per_chunk=2)          # the CPU default: loop, split, 2 devices

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lps_jax.training.onednn import build
 from lps_jax.common.errors import UserError
+from lps_jax.training.onednn import build
 
 FWD, BWD_DATA, BWD_WEIGHTS = ('lps_onednn_conv_fwd', 'lps_onednn_conv_bwd_data',
                               'lps_onednn_conv_bwd_weights')
