@@ -68,6 +68,24 @@ class Probe(Method):
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthorsChain(Method):
+  """The authors' published meta-model (`methods.authors_chain`): Grams of chained kernels of
+  the selected depths, one FC each, summed; their script's recipe."""
+  depths: tuple = (1,)
+
+  def active_layers(self, base):
+    return tuple(range(max(self.depths)))
+
+  def fit_count(self, base):
+    from lps_jax.methods import authors_chain
+    return authors_chain.EPOCHS
+
+  def build(self, base, num_classes, cache=None):
+    from lps_jax.methods import authors_chain
+    return authors_chain.ChainGramFC(self.depths, num_classes, split_seed=base.split_seed)
+
+
+@dataclasses.dataclass(frozen=True)
 class Averaged(Method):
   """An ensemble of registered methods, their probabilities averaged."""
   members: tuple = ()
@@ -159,6 +177,8 @@ _STD = (('feature_norm', 'across'),)
 _FUSION_LAYERS = 3
 _STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps (lps_jax.zoo.slice_folder)
 _RESNET20_LAYERS = 19
+_AUTHORS = ('Wang et al., published code (SolutionSimilarityLearning, models/meta_model_cnn.py '
+            'sup_cifar_chain; train_sup.py recipe)')
 _REBASIN = 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, whole network, ResNet\'s permutation spec)'
 PROBE_OUTPUTS = 'functional/logits'
 
@@ -194,7 +214,9 @@ REGISTRY = {m.name: m for m in [
           'Unterthiner et al. 2020, "Predicting Neural Network Accuracy from Weights"',
           features='weight_stats', any_width=True),
     Probe('gram', 'filter Gram matrix + mean filter + LR',   # any width: layer 1's
-          'second-moment probe (this project)', features='gram', any_width=True),
+          'second-moment probe (this project); on layer 1 the Gram the authors\' published '
+          'code reads (authors_chain), with a logistic regression instead of their SGD FC',
+          features='gram', any_width=True),
     Probe('sort', 'filters sorted by norm + LR (Model Zoos)',
           'Schürholt et al. 2022, "Model Zoos"', features='sort'),
     Probe('rebasin', 'weight matching to a reference + LR (Git Re-Basin)',
@@ -202,6 +224,12 @@ REGISTRY = {m.name: m for m in [
     Probe('rebasin_chain', 'whole-chain weight matching of stage 1 (layers 1-7) + LR',
           'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, with ResNet\'s permutation spec)',
           features='rebasin_chain', layers=tuple(range(_STAGE1_LAYERS))),
+    # The authors' published code (Wanggcong/SolutionSimilarityLearning, scripts/train_sup.sh):
+    # layer 1 as their script runs it, and layers 1-3 chained (ResNet-20's conv1 -> stage 1).
+    AuthorsChain('authors_chain', 'authors\' code: Gram of layer 1 + FC (sup_cifar_chain)',
+                 _AUTHORS),
+    AuthorsChain('authors_chain3', 'authors\' code: Grams of layers 1-3 chained + FCs',
+                 _AUTHORS + ', --selected-layers 1,2,3', depths=(1, 2, 3)),
     # Whole networks (every layer; the model set folder): aligned by weight matching first
     # where `aligned`, then read (lps_jax.methods.whole_network).
     NetworkProbe('wn_probe', 'whole-network weight matching + linear probe (all weights, BN, FC)',
