@@ -9,6 +9,7 @@ first layer only), unless it names its own. Adding a method: docs/methods.md.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -83,6 +84,27 @@ class AuthorsChain(Method):
   def build(self, base, num_classes, cache=None):
     from lps_jax.methods import authors_chain
     return authors_chain.ChainGramFC(self.depths, num_classes, split_seed=base.split_seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainKernel(Method):
+  """Kernel logistic regression on the exactly invariant chained-Gram kernel
+  (`methods.chain_kernel`): the first `chain_layers` conv layers of the main path read from
+  kernels, or every layer of whole networks (`whole`) with BatchNorm's scale folded (`fold`)."""
+  chain_layers: Optional[int] = None   # None: every conv layer (whole networks)
+  whole: bool = False
+  fold: str = 'none'
+
+  @property
+  def reads(self):
+    return interface.READS_NETWORKS if self.whole else interface.READS_KERNELS
+
+  def active_layers(self, base):
+    return tuple(range(self.chain_layers or _RESNET20_LAYERS))
+
+  def build(self, base, num_classes, cache=None):
+    from lps_jax.methods import chain_kernel
+    return chain_kernel.ChainKernel(num_classes, self.chain_layers, fold=self.fold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +199,7 @@ _STD = (('feature_norm', 'across'),)
 _FUSION_LAYERS = 3
 _STAGE1_LAYERS = 7   # conv1 + stage 1's 3 blocks x 2: the layers a slice keeps (lps_jax.zoo.slice_folder)
 _RESNET20_LAYERS = 19
+_CHAIN = 'this project, after the chained Grams of the authors\' published code'
 _AUTHORS = ('Wang et al., published code (SolutionSimilarityLearning, models/meta_model_cnn.py '
             'sup_cifar_chain; train_sup.py recipe)')
 _REBASIN = 'Ainsworth et al. 2023, "Git Re-Basin" (Alg. 1, whole network, ResNet\'s permutation spec)'
@@ -230,6 +253,17 @@ REGISTRY = {m.name: m for m in [
                  _AUTHORS),
     AuthorsChain('authors_chain3', 'authors\' code: Grams of layers 1-3 chained + FCs',
                  _AUTHORS + ', --selected-layers 1,2,3', depths=(1, 2, 3)),
+    # The chained Grams as an exact kernel (this project): layer 1, stage 1 (layers 1-7, what a
+    # slice's kernels file holds), every layer with BatchNorm's scale folded in.
+    ChainKernel('chain_kernel_l1', 'chained-Gram kernel, layer 1 + kernel LR', _CHAIN,
+                chain_layers=1),
+    ChainKernel('chain_kernel_stage1', 'chained-Gram kernel, layers 1-7 + kernel LR', _CHAIN,
+                chain_layers=_STAGE1_LAYERS),
+    ChainKernel('chain_kernel', 'chained-Gram kernel, all 19 layers, BN scale folded + kernel LR',
+                _CHAIN, whole=True, fold='gamma'),
+    ChainKernel('chain_kernel_bn', 'chained-Gram kernel, all 19 layers, BN scale / running std '
+                'folded + kernel LR', _CHAIN + ' (with BatchNorm running statistics)',
+                whole=True, fold='gamma_sigma'),
     # Whole networks (every layer; the model set folder): aligned by weight matching first
     # where `aligned`, then read (lps_jax.methods.whole_network).
     NetworkProbe('wn_probe', 'whole-network weight matching + linear probe (all weights, BN, FC)',

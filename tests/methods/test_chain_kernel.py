@@ -1,0 +1,50 @@
+"""The chained-Gram kernel (lps_jax.methods.chain_kernel): equal to the explicit Grams of the
+authors' chain, exactly invariant to ResNet's whole permutation symmetry at every depth (with
+BatchNorm folded in too), and a classifier that reads it learns."""
+import numpy as np
+import pytest
+
+from lps_jax.align.fit import SecondOrderConfig
+from lps_jax.methods import authors_chain, chain_kernel
+from lps_jax.methods import registry as methods
+from lps_jax.symmetry import permutations
+from lps_jax.training import resnet
+from test_whole_network import TINY, _stack
+
+
+def test_depth_kernels_equal_the_explicit_chained_grams():
+  stack, _ = _stack(2, 2, config=resnet.ResNetConfig((1, 1, 1), (4, 6, 8)))
+  w = chain_kernel.chain_weights(stack.kernels)
+  got = chain_kernel.depth_kernels(w, w)
+  grams = authors_chain.chain_grams(stack.kernels, (1, 2, 3))
+  for d, g in enumerate(grams):
+    np.testing.assert_allclose(got[:, :, d], g.astype(np.float64) @ g.T, rtol=2e-5)
+  np.testing.assert_allclose(chain_kernel.self_kernels(w), np.stack([got[i, i] for i in range(4)]),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('fold', ['none', 'gamma', 'gamma_sigma'])
+def test_every_depth_is_invariant_to_the_whole_symmetry(fold):
+  stack, _ = _stack(1, 3, config=TINY)
+  spec, rng = stack.spec(), np.random.default_rng(5)
+  permuted = stack.replaced([permutations.apply(spec, permutations.random_perms(spec, f, rng), f)
+                             for f in stack.model_flats()])
+  inputs = (stack, permuted) if fold != 'none' else (stack.kernels, permuted.kernels)
+  a, b = (chain_kernel.chain_weights(x, fold=fold) for x in inputs)
+  k, kp = chain_kernel.depth_kernels(a, a), chain_kernel.depth_kernels(b, a)
+  assert k.shape[-1] == len(resnet.conv_layer_names(TINY))
+  np.testing.assert_allclose(kp, k, rtol=2e-5, atol=0)
+  assert not np.allclose(permuted.kernels[2], stack.kernels[2])   # the weights did move
+
+
+def test_the_kernel_classifier_learns_and_embeds_on_the_unit_sphere():
+  stack, task_id = _stack(4, 6, config=TINY, signal=1.0)
+  train = np.arange(len(task_id)) % 3 != 0
+  for name in ('chain_kernel', 'chain_kernel_bn'):
+    est = methods.get(name).estimator(SecondOrderConfig(), 4)
+    est.fit(stack.take(np.flatnonzero(train)), task_id[train])
+    test = stack.take(np.flatnonzero(~train))
+    assert (est.predict(test).argmax(1) == task_id[~train]).mean() >= 0.75, name  # chance .25
+    np.testing.assert_allclose(np.linalg.norm(est.embed(test), axis=1), 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match='pass the full model set folder'):
+    chain_kernel.chain_weights(stack.kernels, fold='gamma')
