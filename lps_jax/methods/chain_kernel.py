@@ -132,11 +132,30 @@ def combined(k: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray,
   return np.mean(k[:, :, sel] / np.maximum(norm, 1e-30), axis=-1)
 
 
+C_GRID = (0.1, 1.0, 10.0, 100.0)
+CV_FOLDS = 4
+
+
+def _cross_validated_c(x: np.ndarray, labels: np.ndarray) -> float:
+  """The regression's C from `C_GRID` by stratified `CV_FOLDS`-fold cross-validation on the
+  training models alone (ties: the smaller C); C = 1 when a task has too few models to fold."""
+  from sklearn.model_selection import StratifiedKFold
+  counts = np.bincount(labels)
+  if counts[counts > 0].min() < CV_FOLDS:
+    return 1.0
+  folds = list(StratifiedKFold(CV_FOLDS, shuffle=True, random_state=0).split(x, labels))
+  score = [np.mean([LogisticRegression(C=c, max_iter=5000).fit(x[tr], labels[tr])
+                    .score(x[te], labels[te]) for tr, te in folds]) for c in C_GRID]
+  return C_GRID[int(np.argmax(score))]
+
+
 class ChainKernel:
-  """Kernel logistic regression on the chained-Gram kernel (an `Estimator`)."""
+  """Kernel logistic regression on the chained-Gram kernel (an `Estimator`); `C=None` picks
+  the regularisation by cross-validation on the training models (`C_GRID`)."""
 
   def __init__(self, num_classes: int, num_layers: Optional[int] = None,
-               depths: Optional[Sequence[int]] = None, fold: str = 'none', C: float = 1.0):
+               depths: Optional[Sequence[int]] = None, fold: str = 'none',
+               C: Optional[float] = None):
     self.num_classes, self.num_layers, self.fold, self.C = num_classes, num_layers, fold, C
     self.depths = tuple(depths) if depths else None
     self.train = None
@@ -158,8 +177,9 @@ class ChainKernel:
     vals, vecs = np.linalg.eigh((k + k.T) / 2)
     keep = vals > 1e-10 * vals.max()
     self.projection = vecs[:, keep] / np.sqrt(vals[keep])      # Nystroem: phi(x) = k(x, T) P
-    self.clf = LogisticRegression(C=self.C, max_iter=5000).fit(k @ self.projection,
-                                                              np.asarray(labels))
+    x, labels = k @ self.projection, np.asarray(labels)
+    self.chosen_C = self.C if self.C is not None else _cross_validated_c(x, labels)
+    self.clf = LogisticRegression(C=self.chosen_C, max_iter=5000).fit(x, labels)
     if list(self.clf.classes_) != list(range(self.num_classes)):
       raise UserError('every task needs training models (labels 0..num_classes-1).')
     if progress is not None:
