@@ -156,6 +156,7 @@ def test_bad_inputs():
   assert [o.shape for o in out] == [(16, 7), (16, 7)]
 
 
+@pytest.mark.slow
 def test_vmapped_align_network_over_a_population_compiles_once():
   cfg = resnet.ResNetConfig((1, 1, 1), (4, 8, 8))
   pops = [jax.vmap(lambda k: resnet.init_variables(k, cfg)['params'])(

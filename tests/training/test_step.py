@@ -47,9 +47,12 @@ def test_epoch_batches_cover_every_image_once():
 
 
 @pytest.mark.parametrize('strategy,conv_impl,devices,step', [
-    # Each strategy, step and conv once (oneDNN under vmap: test_onednn).
-    ('loop', 'lax', 2, 'split'), ('vmap', 'lax', 2, 'fused'), ('vmap', 'im2col', 1, 'fused'),
-    ('unroll', 'lax', 2, 'fused'),
+    # Each strategy, step and conv once (oneDNN under vmap: test_onednn); the fast tier keeps
+    # the CPU default (loop, split, oneDNN).
+    pytest.param('loop', 'lax', 2, 'split', marks=pytest.mark.slow),
+    pytest.param('vmap', 'lax', 2, 'fused', marks=pytest.mark.slow),
+    pytest.param('vmap', 'im2col', 1, 'fused', marks=pytest.mark.slow),
+    pytest.param('unroll', 'lax', 2, 'fused', marks=pytest.mark.slow),
     pytest.param('loop', 'onednn', 2, 'split', marks=requires_onednn)])
 def test_population_step_equals_per_model_step(splits, strategy, conv_impl, devices, step):
   tr = trainer.PopulationTrainer(
