@@ -23,7 +23,6 @@ normalised features (their cosine is the normalised kernel).
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -90,7 +89,7 @@ def _pair(wa: Sequence[jax.Array], wb: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack(out)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _block(wa, wb):
   return jax.vmap(lambda a: jax.vmap(lambda b: _pair(a, b))(wb))(wa)
 
