@@ -71,12 +71,15 @@ def evaluate():
   config = flagdefs.build(second_order_fit.SecondOrderConfig, FLAGS, skip=('method', 'split_seed'))
   kernels, task_id, _, run = modelset.load_kernels(FLAGS.modelset, 1)
   inside = run < FLAGS.index_runs
-  idx = index.build([kernels[0][inside]], task_id[inside], run[inside], FLAGS.method, config,
-                    source=FLAGS.modelset)
+  tasks = np.unique(task_id[inside])
+  idx = index.build([kernels[0][inside]], [f'task {t}' for t in tasks],
+                    np.searchsorted(tasks, task_id[inside]), run[inside],
+                    [''] * int(inside.sum()), [''] * int(inside.sum()), FLAGS.method, config,
+                    calibration_folds=0, source=FLAGS.modelset)
   held = np.flatnonzero(~inside)
-  own = idx.model.predict([kernels[0][held]])
+  own = idx.estimator.predict([kernels[0][held]])
   rows = {'own held-out models (trained here)': (
-      _scores(own, idx.tasks, task_id[held]), held.size,
+      _scores(own, tasks, task_id[held]), held.size,
       _weight_stats(kernels[0][held]))}
   with open(os.path.join(FLAGS.foreign, 'models.json')) as f:
     meta = json.load(f)
@@ -91,13 +94,13 @@ def evaluate():
   foreign = np.stack(ks)
   acc = float(np.mean([m['heldout_accuracy'] for m in meta.values()]))
   rows[f'PyTorch-trained, PyTorch default init ({FLAGS.foreign})'] = (
-      _scores(idx.model.predict([foreign]), idx.tasks, np.asarray(truth)), len(truth),
+      _scores(idx.estimator.predict([foreign]), tasks, np.asarray(truth)), len(truth),
       _weight_stats(foreign))
-  chance = {'top-1': 1 / idx.tasks.size, 'top-5': 5 / idx.tasks.size}
+  chance = {'top-1': 1 / tasks.size, 'top-5': 5 / tasks.size}
   lines = ['## Naming the task of unseen checkpoints (lps_query\'s index)', '',
            f'Command: `python -m experiments.query_eval {" ".join(sys.argv[1:])}`', '',
            f'Index: `{FLAGS.method}` trained on runs 0-{FLAGS.index_runs - 1} of the '
-           f'{idx.tasks.size} tasks of `{FLAGS.modelset}`; chance top-1 '
+           f'{tasks.size} tasks of `{FLAGS.modelset}`; chance top-1 '
            f'{100 * chance["top-1"]:.0f} %, top-5 {100 * chance["top-5"]:.0f} %.', '',
            '| queries | models | top-1 (%) | top-5 (%) | first-layer mean abs weight | std |',
            '|---|---|---|---|---|---|']

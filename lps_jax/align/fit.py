@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 import flax.serialization
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,15 @@ class SecondOrderModel:
   def from_bytes(self, kernels, blob: bytes) -> None:
     self.init(kernels)
     self.variables = flax.serialization.from_bytes(self.variables, blob)
+
+  def state(self) -> dict[str, np.ndarray]:
+    """The fitted variables as flat arrays (lps_query's index keeps them)."""
+    return {k: np.asarray(v) for k, v in
+            flax.traverse_util.flatten_dict(self.variables, sep='/').items()}
+
+  def load_state(self, arrays: dict) -> None:
+    self.variables = flax.traverse_util.unflatten_dict(
+        {k: jnp.asarray(v) for k, v in arrays.items()}, sep='/')
 
   # -- inference, through popmap (one program over the stack)
   def _map(self, head: Callable) -> Callable:

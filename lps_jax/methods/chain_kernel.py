@@ -31,6 +31,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from lps_jax.common.errors import UserError
+from lps_jax.methods import probes
 from lps_jax.training import modelset, resnet
 from lps_jax.training.modelset import NetworkStack
 
@@ -127,7 +128,8 @@ def combined(k: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray,
              depths: Sequence[int]) -> np.ndarray:
   """The mean over `depths` (1-based) of the cosine-normalised depth kernels, (A, B)."""
   sel = np.asarray(depths) - 1
-  norm = np.sqrt(diag_a[:, None, sel] * diag_b[None, :, sel])
+  norm = (np.sqrt(np.asarray(diag_a, np.float64))[:, None, sel]     # no float32 overflow
+          * np.sqrt(np.asarray(diag_b, np.float64))[None, :, sel])
   return np.mean(k[:, :, sel] / np.maximum(norm, 1e-30), axis=-1)
 
 
@@ -178,15 +180,30 @@ class ChainKernel:
     self.projection = vecs[:, keep] / np.sqrt(vals[keep])      # Nystroem: phi(x) = k(x, T) P
     x, labels = k @ self.projection, np.asarray(labels)
     self.chosen_C = self.C if self.C is not None else _cross_validated_c(x, labels)
-    self.clf = LogisticRegression(C=self.chosen_C, max_iter=5000).fit(x, labels)
-    if list(self.clf.classes_) != list(range(self.num_classes)):
-      raise UserError('every task needs training models (labels 0..num_classes-1).')
+    clf = LogisticRegression(C=self.chosen_C, max_iter=5000).fit(x, labels)
+    self.coef, self.intercept = probes.regression_logits(clf, self.num_classes)
     if progress is not None:
       progress(1, None)
 
   def predict(self, inputs) -> np.ndarray:
-    return self.clf.predict_proba(self._features(self._weights(inputs)))
+    """The regression's probabilities: the softmax of its logits (sklearn's predict_proba)."""
+    return probes.softmax(self._features(self._weights(inputs)) @ self.coef.T + self.intercept)
 
   def embed(self, inputs) -> np.ndarray:
     f = self._features(self._weights(inputs))
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+  # -- serialisation (lps_query's index): the training models' chain weights and the regression
+  def state(self) -> dict[str, np.ndarray]:
+    out = {f'train/{l}': np.asarray(w) for l, w in enumerate(self.train)}
+    out.update(train_diag=self.train_diag, projection=self.projection, coef=self.coef,
+               intercept=self.intercept, depths=np.asarray(self.depths),
+               chosen_C=np.asarray(self.chosen_C))
+    return out
+
+  def load_state(self, arrays: dict) -> None:
+    layers = sorted(int(k.split('/')[1]) for k in arrays if k.startswith('train/'))
+    self.train = [np.asarray(arrays[f'train/{l}']) for l in layers]
+    self.train_diag, self.projection = arrays['train_diag'], arrays['projection']
+    self.coef, self.intercept = arrays['coef'], arrays['intercept']
+    self.depths, self.chosen_C = tuple(int(d) for d in arrays['depths']), float(arrays['chosen_C'])

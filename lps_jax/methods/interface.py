@@ -36,6 +36,9 @@ class Estimator(Protocol):
   def embed(self, inputs) -> np.ndarray:
     """(M, D) L2-normalised embeddings (task retrieval ranks by cosine)."""
 
+  # An indexable estimator (`Method.indexable`, kept by lps_query) also has
+  # `state() -> {name: array}` and `load_state(arrays)`: its fitted state as plain arrays.
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -83,6 +86,11 @@ class Method:
   def reads_networks(self) -> bool:
     """Whether it needs every variable of each model (the model set folder), not kernels."""
     return self.reads in (READS_NETWORKS, READS_OUTPUTS)
+
+  @property
+  def reads_statistics(self) -> bool:
+    """Whether it reads BatchNorm's running statistics (a checkpoint must carry them)."""
+    return False
 
   @property
   def reads_probe_outputs(self) -> bool:

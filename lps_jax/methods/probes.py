@@ -98,6 +98,22 @@ def sort_canonical(kernels: Sequence[np.ndarray]) -> np.ndarray:
 MATCHED = ('rebasin', 'rebasin_chain')   # features read through the one weight matcher
 
 
+def regression_logits(clf: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(coef, intercept) whose logits' softmax is a fitted regression's predict_proba, one row per
+  class; every class must have had training models."""
+  if list(clf.classes_) != list(range(num_classes)):
+    raise UserError('every task needs training models (labels 0..num_classes-1).')
+  coef, intercept = clf.coef_, clf.intercept_
+  if coef.shape[0] == 1:   # two classes: sklearn's one logit z as the pair (-z/2, z/2)
+    coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+  return coef, intercept
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+  e = np.exp(z - z.max(axis=1, keepdims=True))
+  return e / e.sum(axis=1, keepdims=True)
+
+
 def plain_chain_spec(paths: Sequence[str]) -> permutations.PermutationSpec:
   """The symmetry of a plain chain of HWIO convs: layer l's filters and layer l+1's inputs
   share one permutation (the first layer's inputs, RGB, are not permuted)."""
@@ -151,11 +167,7 @@ class FeatureProbe:
     x = self._x(kernels)
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=self.C, max_iter=3000).fit(scaler.transform(x), labels)
-    if list(clf.classes_) != list(range(self.num_classes)):
-      raise UserError('every task needs training models (labels 0..num_classes-1).')
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:   # two classes: sklearn's one logit z as the pair (-z/2, z/2)
-      coef, intercept = np.concatenate([-coef, coef]) / 2, np.concatenate([-intercept, intercept]) / 2
+    coef, intercept = regression_logits(clf, self.num_classes)
     self.linear = {'mean': scaler.mean_, 'scale': scaler.scale_, 'coef': coef,
                    'intercept': intercept}
     if progress is not None:
@@ -173,9 +185,7 @@ class FeatureProbe:
     return ((x - lin['mean']) / lin['scale']) @ lin['coef'].T + lin['intercept']
 
   def predict(self, kernels) -> np.ndarray:
-    z = self._logits(kernels)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return softmax(self._logits(kernels))
 
   def embed(self, kernels) -> np.ndarray:
     """L2-normalised logits of the regression (as LPS embeds with its FC outputs)."""

@@ -94,6 +94,11 @@ class ChainKernel(Method):
   chain_layers: Optional[int] = None   # None: every conv layer (whole networks)
   whole: bool = False
   fold: str = 'none'
+  indexable = True
+
+  @property
+  def reads_statistics(self):
+    return self.fold == 'gamma_sigma'
 
   @property
   def reads(self):
@@ -137,6 +142,10 @@ class WholeNetwork(Method):
   variables: tuple = ('params/', 'batch_stats/')   # which variables it reads
   aligned: bool = False          # whole-network weight matching first
   reads = interface.READS_NETWORKS
+
+  @property
+  def reads_statistics(self):
+    return 'batch_stats/' in self.variables
 
   def reader(self, base, num_classes):
     raise NotImplementedError

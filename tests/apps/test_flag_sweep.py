@@ -38,6 +38,8 @@ BASE = {
     'benchmark': ['--suites=matmul', '--matmul_size=8', '--out={tmp}/bench.json'],
     'query_eval': [f'--modelset={KERNELS}', '--foreign={tmp}/foreign', '--out={tmp}/qe',
                    '--epochs=2', '--lr_boundaries=1', '--num_filters=4'],
+    'open_set_eval': [f'--modelset={KERNELS}', '--methods=gram', '--split_seeds=0',
+                      '--out={tmp}/os'],
     'slices': ['--action=stage', '--task_ids=0', '--data_dir={tmp}', '--stage_dir={tmp}/stage',
                '--root={tmp}/root', '--out={tmp}/merged.npz'],
 }
@@ -60,6 +62,8 @@ STRINGS = {   # flag: [(bad value, extra arguments)]
         'cache_dir': [(UNDER_FILE, [])]},
     'lps_query': {
         'modelset': [(MISSING, [])],
+        'zoo': [(MISSING, [f'--labels={KERNELS}']), (A_FILE, [f'--labels={KERNELS}'])],
+        'labels': [(MISSING, ['--zoo={tmp}'])],
         'index': [(UNDER_FILE, []), (MISSING, ['--nobuild'])]},
     'benchmark': {
         'devices_config': [('nope', []), ('loop/lax/x', [])],
@@ -68,6 +72,10 @@ STRINGS = {   # flag: [(bad value, extra arguments)]
     'query_eval': {
         'modelset': [(MISSING, [])],
         'foreign': [(MISSING, []), (A_DIR, [])],
+        'out': [(A_FILE, [])]},
+    'open_set_eval': {
+        'modelset': [(MISSING, [])],
+        'stage1': [(MISSING, []), (A_DIR, [])],
         'out': [(A_FILE, [])]},
     'slices': {
         'root': [(MISSING, ['--action=check']), (A_FILE, ['--action=export'])],
@@ -170,7 +178,8 @@ def test_committed_flagfiles_parse():
   folder = os.path.join(ROOT, 'experiments', 'flags')
   files = sorted(os.path.join('experiments', 'flags', f) for f in os.listdir(folder))
   by_app = {'train_population': [f for f in files if 'modelset' in os.path.basename(f)]}
-  by_app['lps_main'] = [f for f in files if f not in by_app['train_population']]
+  by_app['open_set_eval'] = [f for f in files if os.path.basename(f).startswith('open_set')]
+  by_app['lps_main'] = [f for f in files if f not in sum(by_app.values(), [])]
   for app, paths in by_app.items():
     r = subprocess.run([sys.executable, '-c', _PARSE_FLAGFILES.format(root=ROOT), app, *paths],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,6 @@
 """Checkpoint readers (every format gives the same kernels; PyTorch without torch) and
 lps_query end to end: an index over a tiny model set, queried with a checkpoint of each format."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 
 from lps_jax.training import modelset, resnet
 from lps_jax.zoo import foreign_checkpoints as checkpoints
+from lps_jax.query.checkpoint_inputs import QueryError
+from tests.fixtures import torch_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -110,26 +113,29 @@ def _query(*args):
 def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   paths, _ = _write_all_formats(tmp_path, tiny_set)
   index = f'--index={tmp_path}/index'
-  r = _query('--build', f'--modelset={tiny_set}', index, '--num_filters=8', '--epochs=6',
-             '--lr_boundaries=4', '--learning_rate=0.01')
+  r = _query('--build', f'--modelset={tiny_set}', index, '--method=lps', '--num_filters=8',
+             '--epochs=6', '--lr_boundaries=4', '--learning_rate=0.01', '--calibration_folds=0')
   assert r.returncode == 0, r.stderr[-3000:]
   assert os.path.exists(tmp_path / 'index' / 'index.json')
-  answers = []
-  for path in paths.values():
-    r = _query(index, str(path), '--format=json', '--top=3')
-    assert r.returncode == 0, r.stderr[-3000:]
-    answers.append(json.loads(r.stdout))
+  r = _query(index, *map(str, paths.values()), '--format=json', '--top=3')
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout)
+  assert out['index']['models'] == 24 and out['index']['calibration'] is None
+  answers = out['answers']
+  assert len(answers) == len(paths) and not out['errors']
   # Row 5 of the set is task 1, run 1: it finds itself (cosine 1) whatever the file format.
   for a in answers:
-    assert a['models'][0] == {'row': 5, 'task': 1, 'run': 1, 'cosine': pytest.approx(1, abs=1e-5)}
-    assert a['tasks'][0]['task'] == 1 and a['tasks'][0]['fine_labels'] == [2, 3]
-    assert a['tasks'] == answers[0]['tasks']
+    m = a['models'][0]
+    assert (m['row'], m['label'], m['run']) == (5, 'task 1 (fine 2, 3)', '1')
+    assert m['cosine'] == pytest.approx(1, abs=1e-5)
+    assert a['answer'] == a['labels'][0]['label'] == 'task 1 (fine 2, 3)'
+    assert a['labels'] == answers[0]['labels']
   # The PyTorch fixture (same architecture, PyTorch init) gets a table; a bad file among the
   # queries costs only its own answer.
   (tmp_path / 'cut.npz').write_bytes(paths['npz'].read_bytes()[:100])
   r = _query(index, os.path.join(FIXTURES, 'tiny_resnet.pt'), str(tmp_path / 'cut.npz'))
   assert r.returncode != 0
-  assert '| rank | task (fine labels) |' in r.stdout and 'tiny_resnet.pt' in r.stdout
+  assert '| rank | label |' in r.stdout and 'tiny_resnet.pt' in r.stdout
   assert 'cut.npz: unreadable' in r.stderr and 'Traceback' not in r.stderr
   # Wrong layer names, wrong shapes, no index.
   r = _query(index, str(paths['npz']), '--layers=conv9')
@@ -141,33 +147,121 @@ def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   assert r.returncode != 0 and 'none: not found. Build one with --build' in r.stderr
 
 
-@pytest.mark.slow
+def _tiny_zoo(folder, tiny_set, tasks, statistics=True):
+  """The tiny set's models of `tasks` as PyTorch state_dicts (torch_reference's names) in
+  `folder`, with a labels table; returns (table path, {row of the set: file})."""
+  from tests.conftest import TINY_CONFIG
+  ms = modelset.load(tiny_set)
+  stack = modelset.network_stack(ms)
+  folder.mkdir(exist_ok=True)
+  lines, files = ['path,label,run,recipe'], {}
+  for row in np.flatnonzero(np.isin(ms.task_id, tasks)):
+    flat = {p: a[row] for p, a in stack.items()}
+    name = f'm{row}.pt'
+    torch_zip.save(folder / name, torch_zip.state_dict(flat, TINY_CONFIG, statistics))
+    lines.append(f'{name},kind {ms.task_id[row]},{ms.run[row]},torch-like')
+    files[int(row)] = folder / name
+  (folder / 'labels.csv').write_text('\n'.join(lines) + '\n')
+  return folder / 'labels.csv', files
+
+
+def test_a_zoo_of_pytorch_checkpoints_is_indexed_whole_and_answers_unseen_tasks_unknown(
+    tmp_path, tiny_set):
+  """Tasks 0-4 of the tiny set as a zoo of PyTorch files: a whole-network index (the chained-
+  Gram kernel with BatchNorm's scale) names an indexed model's label with the model itself at
+  cosine 1, round-trips through its folder, and calls task 5's models (never indexed) unknown;
+  a checkpoint without BatchNorm statistics is refused by the chain_kernel_bn index with a
+  line naming the indexes that take it."""
+  from lps_jax.align.fit import SecondOrderConfig
+  from lps_jax.query import index, zoo
+  table, files = _tiny_zoo(tmp_path / 'zoo', tiny_set, range(5))
+  z = zoo.from_table(str(table), str(tmp_path / 'zoo'), 'chain_kernel', SecondOrderConfig())
+  assert z.inputs.num_models == 20 and z.labels == [f'kind {t}' for t in range(5)]
+  built = index.build(z.inputs, z.labels, z.label_of, z.run, z.recipe, z.path, 'chain_kernel',
+                      calibration_folds=5)
+  index.save(str(tmp_path / 'idx'), built)
+  idx = index.load(str(tmp_path / 'idx'))
+  assert idx.recipes() == {'torch-like': 20} and idx.needs.whole
+  assert idx.calibration.false_accept <= 0.2 and idx.calibration.false_reject <= 0.2
+  a = idx.query(files[5])
+  assert a['answer'] == 'kind 1' and a['known'] and a['models'][0]['path'] == 'm5.pt'
+  assert a['models'][0]['cosine'] == pytest.approx(1, abs=1e-6)
+  np.testing.assert_allclose(idx.estimator.predict(z.inputs), built.estimator.predict(z.inputs),
+                             rtol=0, atol=1e-12)
+  _, unseen = _tiny_zoo(tmp_path / 'unseen', tiny_set, [5])
+  answers = idx.query_many(list(unseen.values()))
+  assert sum(a['answer'] == 'unknown' for a in answers) >= 3, answers
+  # Parameters only: chain_kernel takes it, chain_kernel_bn refuses it.
+  _, bare = _tiny_zoo(tmp_path / 'bare', tiny_set, [1], statistics=False)
+  assert idx.query(bare[5])['answer'] == 'kind 1'
+  zb = zoo.from_table(str(table), str(tmp_path / 'zoo'), 'chain_kernel_bn', SecondOrderConfig())
+  bn = index.build(zb.inputs, zb.labels, zb.label_of, zb.run, zb.recipe, zb.path,
+                   'chain_kernel_bn', calibration_folds=0)
+  with pytest.raises(index.QueryError, match=r'reads every parameter and BatchNorm running '
+                     r'statistics, which this checkpoint does not carry .*chain_kernel take it'):
+    bn.query(bare[5])
+
+
+def test_zoo_tables_are_checked(tmp_path, tiny_set):
+  from lps_jax.align.fit import SecondOrderConfig
+  from lps_jax.query import zoo
+  table, _ = _tiny_zoo(tmp_path / 'zoo', tiny_set, [0, 1])
+  text = table.read_text()
+  cases = {'nope.pt,kind 9,0,x\n': "1 paths not found under .*'nope.pt'",
+           'm0.pt,lonely,0,x\n': r"labels \['lonely'\] have one model each"}
+  for extra, message in cases.items():
+    table.write_text(text + extra)
+    with pytest.raises(zoo.ZooError, match=message):
+      zoo.read_table(str(table), str(tmp_path / 'zoo'))
+  table.write_text('file,task\nm0.pt,1\n')
+  with pytest.raises(zoo.ZooError, match='needs a header with columns path and label'):
+    zoo.read_table(str(table), str(tmp_path / 'zoo'))
+  # A zoo that mixes architectures, for a method that reads one.
+  table.write_text(text + 'other.npz,kind 1,9,x\n')
+  np.savez(tmp_path / 'zoo' / 'other.npz', **{'conv1/kernel': np.ones((3, 3, 3, 6), np.float32)})
+  with pytest.raises(QueryError, match='mix architectures'):
+    zoo.from_table(str(table), str(tmp_path / 'zoo'), 'lps', SecondOrderConfig())
+
+
 def test_a_width_free_probe_index_names_a_wider_models_task(tmp_path, tiny_set):
   """An index of the Gram probe (layer 1, any width) round-trips through its folder and answers
   a 2x-wide copy of a model (each first-layer filter twice: the same Gram matrix and mean
-  filter) exactly as the model itself; the LPS index refuses the wider model in one line."""
-  from lps_jax.query import index
+  filter) exactly as the model itself; an LPS index refuses the wider model in one line."""
   from lps_jax.align.fit import SecondOrderConfig
-  kernels, task_id, _, run = modelset.load_kernels(tiny_set, 1)
-  built = index.build(kernels, task_id, run, 'gram', SecondOrderConfig())
+  from lps_jax.query import index, zoo
+  z = zoo.from_modelset(tiny_set, 'gram', SecondOrderConfig())
+  built = index.build(z.inputs, z.labels, z.label_of, z.run, z.recipe, z.path, 'gram',
+                      calibration_folds=0)
   index.save(str(tmp_path / 'gram'), built)
   idx = index.load(str(tmp_path / 'gram'))
-  assert sorted(os.listdir(tmp_path / 'gram')) == ['embeddings.npz', 'index.json', 'probe.npz']
+  assert sorted(os.listdir(tmp_path / 'gram')) == ['estimator.npz', 'index.json', 'models.npz']
   _, _, one = _model_kernels(tiny_set, row=5)
   wide = [np.concatenate([one[0], one[0]], axis=-1)]          # (3, 3, 3, 8): twice the filters
-  index.check_kernels(idx, wide, 'wide')
-  a, b = index.query(idx, one), index.query(idx, wide)
-  assert a['tasks'][0]['task'] == 1 and a['models'][0]['row'] == 5
-  # The same tasks and rows in the same order, each score within 1e-9.
-  for key, score in (('tasks', 'probability'), ('models', 'cosine')):
+  a, b = idx.query(one[:1]), idx.query(wide)
+  assert a['answer'] == 'task 1 (fine 2, 3)' and a['models'][0]['row'] == 5
+  # The same labels and rows in the same order, each score within 1e-9.
+  for key, score in (('labels', 'probability'), ('models', 'cosine')):
     assert [{k: v for k, v in x.items() if k != score} for x in a[key]] == \
         [{k: v for k, v in y.items() if k != score} for y in b[key]]
     np.testing.assert_allclose([x[score] for x in a[key]], [y[score] for y in b[key]],
                                rtol=0, atol=1e-9)
-  np.testing.assert_array_equal(idx.model.predict(kernels), built.model.predict(kernels))
-  lps = index.Index('lps', SecondOrderConfig(), idx.tasks, idx.shapes, None, idx.embeddings,
-                    idx.task_id, idx.run)
-  with pytest.raises(index.QueryError, match=r'reads any width takes it: weight_stats, gram'):
+  np.testing.assert_array_equal(idx.estimator.predict(z.inputs), built.estimator.predict(z.inputs))
+  lps = dataclasses.replace(idx, method='lps')
+  with pytest.raises(QueryError, match=r'reads any width takes it: weight_stats, gram'):
     index.check_kernels(lps, wide, 'wide')
-  with pytest.raises(ValueError, match='an index needs a second-order or probe method'):
-    index.build(kernels, task_id, run, 'wn_invariant', SecondOrderConfig())
+  with pytest.raises(ValueError, match='an index needs a method it can keep'):
+    index.build(z.inputs, z.labels, z.label_of, z.run, z.recipe, z.path, 'wn_invariant')
+
+
+@pytest.mark.slow
+def test_lps_query_builds_from_a_zoo_folder(tmp_path, tiny_set):
+  table, files = _tiny_zoo(tmp_path / 'zoo', tiny_set, range(6))
+  r = _query('--build', f'--zoo={tmp_path}/zoo', f'--labels={table}', '--method=gram',
+             f'--index={tmp_path}/idx', str(files[9]), '--format=json')
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout)
+  assert out['answers'][0]['models'][0]['path'] == 'm9.pt'
+  assert out['index']['recipes'] == {'torch-like': 24}
+  assert 'false accepts' in r.stderr and 'written to' in r.stderr
+  r = _query('--build', f'--zoo={tmp_path}/zoo', f'--index={tmp_path}/idx2')
+  assert r.returncode != 0 and '--zoo needs --labels' in r.stderr
