@@ -40,6 +40,8 @@ BASE = {
                    '--epochs=2', '--lr_boundaries=1', '--num_filters=4'],
     'open_set_eval': [f'--modelset={KERNELS}', '--methods=gram', '--split_seeds=0',
                       '--out={tmp}/os'],
+    'recipe_eval': [f'--sets=k:{KERNELS}', '--trajectory=', '--methods=gram',
+                    '--split_seeds=0', '--out={tmp}/rec'],
     'slices': ['--action=stage', '--task_ids=0', '--data_dir={tmp}', '--stage_dir={tmp}/stage',
                '--root={tmp}/root', '--out={tmp}/merged.npz'],
 }
@@ -76,6 +78,10 @@ STRINGS = {   # flag: [(bad value, extra arguments)]
     'open_set_eval': {
         'modelset': [(MISSING, [])],
         'stage1': [(MISSING, []), (A_DIR, [])],
+        'out': [(A_FILE, [])]},
+    'recipe_eval': {
+        'sets': [('k:' + MISSING, [])],
+        'trajectory': [(MISSING, []), (A_FILE, [])],
         'out': [(A_FILE, [])]},
     'slices': {
         'root': [(MISSING, ['--action=check']), (A_FILE, ['--action=export'])],
@@ -178,7 +184,8 @@ def test_committed_flagfiles_parse():
   folder = os.path.join(ROOT, 'experiments', 'flags')
   files = sorted(os.path.join('experiments', 'flags', f) for f in os.listdir(folder))
   by_app = {'train_population': [f for f in files if 'modelset' in os.path.basename(f)]}
-  by_app['open_set_eval'] = [f for f in files if os.path.basename(f).startswith('open_set')]
+  for app, prefix in (('open_set_eval', 'open_set'), ('recipe_eval', 'recipe_eval')):
+    by_app[app] = [f for f in files if os.path.basename(f).startswith(prefix)]
   by_app['lps_main'] = [f for f in files if f not in sum(by_app.values(), [])]
   for app, paths in by_app.items():
     r = subprocess.run([sys.executable, '-c', _PARSE_FLAGFILES.format(root=ROOT), app, *paths],
