@@ -162,7 +162,14 @@ class ChainKernel:
     self.train = None
 
   def _weights(self, inputs):
-    return chain_weights(inputs, self.num_layers, self.fold)
+    """Chain weights, each model's layers scaled to unit norm: the cosine-normalised kernel
+    does not change (a layer's scale multiplies K_k(i, j) and sqrt(K_k(i, i) K_k(j, j)) alike),
+    and float32 cannot overflow on the weights of any network."""
+    out = []
+    for w in chain_weights(inputs, self.num_layers, self.fold):
+      norm = np.linalg.norm(w.reshape(len(w), -1).astype(np.float64), axis=1)  # no overflow
+      out.append((w / np.maximum(norm, 1e-300)[:, None, None, None]).astype(np.float32))
+    return out
 
   def _features(self, w) -> np.ndarray:
     k = combined(depth_kernels(w, self.train), self_kernels(w), self.train_diag, self.depths)

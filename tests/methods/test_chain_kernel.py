@@ -1,6 +1,8 @@
 """The chained-Gram kernel (lps_jax.methods.chain_kernel): equal to the explicit Grams of the
 authors' chain, exactly invariant to ResNet's whole permutation symmetry at every depth (with
 BatchNorm folded in too), and a classifier that reads it learns."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,19 @@ def test_the_kernel_classifier_learns_and_embeds_on_the_unit_sphere():
     np.testing.assert_allclose(np.linalg.norm(est.embed(test), axis=1), 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match='pass the full model set folder'):
     chain_kernel.chain_weights(stack.kernels, fold='gamma')
+
+
+def test_a_layer_scaled_by_1e20_changes_nothing_and_overflows_nothing():
+  """The cosine-normalised kernel ignores each model's layer scales; the estimator's unit-norm
+  chain weights keep float32 finite where the raw chained Grams would overflow."""
+  stack, task_id = _stack(3, 4, config=TINY, signal=1.0)
+  est = chain_kernel.ChainKernel(3, C=1.0)
+  est.fit(stack, task_id)
+  scaled = stack.with_array('x', np.zeros(stack.num_models))   # a copy of the stack
+  arrays = list(scaled.arrays)
+  for l in range(stack.num_conv):
+    arrays[l] = np.asarray(arrays[l]) * np.float32(1e20 if l % 2 else 1e-20)
+  scaled = dataclasses.replace(scaled, arrays=arrays)
+  raw = chain_kernel.self_kernels(chain_kernel.chain_weights(scaled))
+  assert not np.all(np.isfinite(raw)) or raw.max() == 0         # what the raw Grams would do
+  np.testing.assert_allclose(est.predict(scaled), est.predict(stack), rtol=1e-4, atol=1e-6)

@@ -265,3 +265,27 @@ def test_lps_query_builds_from_a_zoo_folder(tmp_path, tiny_set):
   assert 'false accepts' in r.stderr and 'written to' in r.stderr
   r = _query('--build', f'--zoo={tmp_path}/zoo', f'--index={tmp_path}/idx2')
   assert r.returncode != 0 and '--zoo needs --labels' in r.stderr
+
+
+def test_auto_answers_each_checkpoint_with_the_best_index_it_feeds(tmp_path, tiny_set):
+  """A shelf of a gram and a chain_kernel index over the same zoo: a whole PyTorch checkpoint
+  goes to chain_kernel, a first-layer-only file to gram; a shelf folder is told apart from
+  one index."""
+  from lps_jax.align.fit import SecondOrderConfig
+  from lps_jax.query import index, shelf, zoo
+  table, files = _tiny_zoo(tmp_path / 'zoo', tiny_set, range(4))
+  for method in ('gram', 'chain_kernel'):
+    z = zoo.from_table(str(table), str(tmp_path / 'zoo'), method, SecondOrderConfig())
+    index.save(str(tmp_path / 'shelf' / method),
+               index.build(z.inputs, z.labels, z.label_of, z.run, z.recipe, z.path, method,
+                           calibration_folds=0))
+  assert shelf.is_shelf(str(tmp_path / 'shelf'))
+  assert not shelf.is_shelf(str(tmp_path / 'shelf' / 'gram'))
+  indexes = shelf.load(str(tmp_path / 'shelf'))
+  assert [i.method for i in indexes] == ['chain_kernel', 'gram']           # shelf.AUTO order
+  assert shelf.choose(indexes, files[6]).method == 'chain_kernel'
+  _, _, one = _model_kernels(tiny_set, row=6)
+  np.savez(tmp_path / 'first.npz', **{'conv1/kernel': one[0]})
+  assert shelf.choose(indexes, str(tmp_path / 'first.npz')).method == 'gram'
+  with pytest.raises(QueryError, match='no indexes under'):
+    shelf.load(str(tmp_path / 'zoo'))
