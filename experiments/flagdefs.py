@@ -129,16 +129,17 @@ def input_path(name: str, kind: str = 'any', must_exist: bool = True,
   """Flag `name`, when set (and `when(FLAGS)` holds), names an existing file / folder ('any':
   either); with must_exist=False it may be missing but not of the other kind. `hint` follows
   the error (what to do)."""
-  def checker(path):
-    if not path or (when is not None and not when(flags.FLAGS)):
+  def checker(value):     # a path, or a list flag's paths
+    if not value or (when is not None and not when(flags.FLAGS)):
       return True
-    if not os.path.exists(path):
-      if must_exist:
-        raise flags.ValidationError(f'not found.{" " + hint if hint else ""}')
-      return True
-    message = _path_problem(path, kind)
-    if message:
-      raise flags.ValidationError(message)
+    for path in value if isinstance(value, list) else [value]:
+      if not os.path.exists(path):
+        if must_exist:
+          raise flags.ValidationError(f'{path}: not found.{" " + hint if hint else ""}')
+        continue
+      message = _path_problem(path, kind)
+      if message:
+        raise flags.ValidationError(message)
     return True
   flags.register_validator(name, checker)
 

@@ -28,9 +28,9 @@ from lps_jax.query import zoo as zoo_lib
 from lps_jax.zoo import foreign_checkpoints as checkpoints
 
 flags.DEFINE_bool('build', False, 'Build (or rebuild) the index from --modelset or --zoo first.')
-flags.DEFINE_string('modelset', 'results/modelset500',
-                    'One of our model sets to index: a slices folder, a model set folder or a '
-                    'kernels .npz (ignored with --zoo).')
+flags.DEFINE_list('modelset', ['results/modelset500'],
+                  'Our model sets to index (several: one index of a mix of training recipes): a '
+                  'slices folder, a model set folder or a kernels .npz (ignored with --zoo).')
 flags.DEFINE_string('zoo', None, 'A folder of checkpoints to index (with --labels).')
 flags.DEFINE_string('labels', None, 'CSV naming what each zoo checkpoint was trained on: '
                     'columns path,label[,run,recipe]; paths relative to --zoo.')
@@ -70,7 +70,7 @@ def _zoo_or_set(method, config):
     with tqdm(total=rows, file=sys.stderr, desc='index: reading the zoo') as bar:
       return zoo_lib.from_table(FLAGS.labels, FLAGS.zoo, method, config, FLAGS.layout,
                                 FLAGS.layers, progress=lambda: bar.update(1)), FLAGS.zoo
-  return zoo_lib.from_modelset(FLAGS.modelset, method, config), FLAGS.modelset
+  return zoo_lib.from_modelsets(FLAGS.modelset, method, config), ','.join(FLAGS.modelset)
 
 
 def build_one(method: str, path: str):

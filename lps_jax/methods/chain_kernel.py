@@ -108,9 +108,10 @@ def depth_kernels(wa: list, wb: list) -> np.ndarray:
   """(A, B, L) K_k between every model of `wa` and of `wb` (chain weights), in blocks."""
   na, nb = len(wa[0]), len(wb[0])
   out = np.zeros((na, nb, len(wa)), np.float64)
-  for i in range(0, na, BLOCK):
-    ra = np.arange(i, min(i + BLOCK, na))
-    a = _rows(wa, np.pad(ra, (0, BLOCK - ra.size), mode='edge'))
+  side = min(BLOCK, 1 << (na - 1).bit_length())    # a few queries: a thin block, not 16 rows
+  for i in range(0, na, side):
+    ra = np.arange(i, min(i + side, na))
+    a = _rows(wa, np.pad(ra, (0, side - ra.size), mode='edge'))
     for j in range(0, nb, BLOCK):
       rb = np.arange(j, min(j + BLOCK, nb))
       b = _rows(wb, np.pad(rb, (0, BLOCK - rb.size), mode='edge'))
@@ -159,7 +160,7 @@ class ChainKernel:
                C: Optional[float] = None):
     self.num_classes, self.num_layers, self.fold, self.C = num_classes, num_layers, fold, C
     self.depths = tuple(depths) if depths else None
-    self.train = None
+    self.train, self._last = None, None
 
   def _weights(self, inputs):
     """Chain weights, each model's layers scaled to unit norm: the cosine-normalised kernel
@@ -175,12 +176,19 @@ class ChainKernel:
     k = combined(depth_kernels(w, self.train), self_kernels(w), self.train_diag, self.depths)
     return k @ self.projection
 
+  def _query_features(self, inputs) -> np.ndarray:
+    """`_features` of `inputs`, kept for the next call on the same object (predict, then
+    embed, of one batch)."""
+    if self._last is None or self._last[0] is not inputs:
+      self._last = (inputs, self._features(self._weights(inputs)))
+    return self._last[1]
+
   def fit(self, inputs, labels, progress: Optional[Callable] = None) -> None:
     w = self._weights(inputs)
     self.depths = self.depths or tuple(range(1, len(w) + 1))
     if max(self.depths) > len(w):
       raise UserError(f'depths {self.depths} need {max(self.depths)} conv layers; {len(w)} read.')
-    self.train, self.train_diag = w, self_kernels(w)
+    self.train, self.train_diag, self._last = w, self_kernels(w), None
     k = combined(depth_kernels(w, w), self.train_diag, self.train_diag, self.depths)
     vals, vecs = np.linalg.eigh((k + k.T) / 2)
     keep = vals > 1e-10 * vals.max()
@@ -194,10 +202,10 @@ class ChainKernel:
 
   def predict(self, inputs) -> np.ndarray:
     """The regression's probabilities: the softmax of its logits (sklearn's predict_proba)."""
-    return probes.softmax(self._features(self._weights(inputs)) @ self.coef.T + self.intercept)
+    return probes.softmax(self._query_features(inputs) @ self.coef.T + self.intercept)
 
   def embed(self, inputs) -> np.ndarray:
-    f = self._features(self._weights(inputs))
+    f = self._query_features(inputs)
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
   # -- serialisation (lps_query's index): the training models' chain weights and the regression
@@ -210,7 +218,7 @@ class ChainKernel:
 
   def load_state(self, arrays: dict) -> None:
     layers = sorted(int(k.split('/')[1]) for k in arrays if k.startswith('train/'))
-    self.train = [np.asarray(arrays[f'train/{l}']) for l in layers]
+    self.train, self._last = [np.asarray(arrays[f'train/{l}']) for l in layers], None
     self.train_diag, self.projection = arrays['train_diag'], arrays['projection']
     self.coef, self.intercept = arrays['coef'], arrays['intercept']
     self.depths, self.chosen_C = tuple(int(d) for d in arrays['depths']), float(arrays['chosen_C'])

@@ -23,8 +23,8 @@ def is_shelf(path: str) -> bool:
 
 def load(path: str) -> list[index_lib.Index]:
   """The indexes in the subfolders of `path` (one per method), in `AUTO` order first."""
-  names = sorted(d for d in os.listdir(path)
-                 if os.path.isfile(os.path.join(path, d, 'index.json'))) if os.path.isdir(path) else []
+  names = [] if not os.path.isdir(path) else sorted(
+      d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, 'index.json')))
   if not names:
     raise QueryError(f'no indexes under {path!r}: build them with python -m '
                      'experiments.lps_query --build --method=auto --index=PATH.')

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from lps_jax.common.errors import UserError
 from lps_jax.query import checkpoint_inputs as inputs_lib
 from lps_jax.query.checkpoint_inputs import Needs
 from lps_jax.training import modelset
+from lps_jax.training.modelset import NetworkStack
 from lps_jax.zoo import manifest
 
 
@@ -123,6 +125,32 @@ def from_modelset(path: str, method: str, config) -> Zoo:
              [f'{path}#task{int(t)}/run{int(r)}' for t, r in zip(task_id, run)])
 
 
+def from_modelsets(paths: Sequence[str], method: str, config) -> Zoo:
+  """Several of our model sets as one zoo (a mix of training recipes): `from_modelset` of
+  each, the labels merged by name."""
+  zoos = [from_modelset(p, method, config) for p in paths]
+  if len(zoos) == 1:
+    return zoos[0]
+  natural = lambda l: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', l)]
+  labels = sorted({l for z in zoos for l in z.labels}, key=natural)
+  label_of = np.asarray([labels.index(z.labels[i]) for z in zoos for i in z.label_of])
+  if isinstance(zoos[0].inputs, NetworkStack):
+    if len({z.inputs.paths for z in zoos}) > 1:
+      raise ZooError('the model sets hold different variables; a whole-network index reads one '
+                     'architecture.')
+    inputs = dataclasses.replace(zoos[0].inputs, arrays=[
+        np.concatenate(a) for a in zip(*[z.inputs.arrays for z in zoos])])
+  else:
+    shapes = {tuple(k.shape[1:] for k in z.inputs if k is not None) for z in zoos}
+    if len(shapes) > 1:
+      raise ZooError(f'the model sets hold kernels of different shapes ({sorted(shapes)}); an '
+                     'index reads one architecture.')
+    inputs = [None if zoos[0].inputs[l] is None else np.concatenate([z.inputs[l] for z in zoos])
+              for l in range(len(zoos[0].inputs))]
+  return Zoo(inputs, labels, label_of, sum((z.run for z in zoos), []),
+             sum((z.recipe for z in zoos), []), sum((z.path for z in zoos), []))
+
+
 def _kernels_file(path: str) -> str:
   if manifest.is_slices_root(path):     # the merged kernels of a slices folder
     return os.path.join(path, 'first_layer_kernels.npz')
@@ -134,6 +162,7 @@ def _config_of(path: str) -> dict:
   if path.endswith('.npz'):
     with np.load(path) as f:
       return json.loads(str(f['config']))
-  folder = path if os.path.isfile(os.path.join(path, 'meta.json')) else os.path.join(path, 'modelset')
+  folder = (path if os.path.isfile(os.path.join(path, 'meta.json'))
+            else os.path.join(path, 'modelset'))
   with open(os.path.join(folder, 'meta.json')) as f:
     return json.load(f)['config']

@@ -20,6 +20,7 @@ statistics are optional: a checkpoint without them maps to parameters only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -39,6 +40,7 @@ class NetworkError(UserError):
   """A checkpoint that does not map onto lps_jax's ResNet."""
 
 
+@functools.lru_cache(maxsize=8)
 def expected(config: resnet.ResNetConfig) -> dict[str, tuple]:
   """{path: shape} of one model's variables, in network order (the permutation spec's order,
   then the FC bias)."""
