@@ -135,7 +135,8 @@ def input_path(name: str, kind: str = 'any', must_exist: bool = True,
     for path in value if isinstance(value, list) else [value]:
       if not os.path.exists(path):
         if must_exist:
-          raise flags.ValidationError(f'{path}: not found.{" " + hint if hint else ""}')
+          which = f'{path}: ' if isinstance(value, list) else ''   # a list: say which item
+          raise flags.ValidationError(f'{which}not found.{" " + hint if hint else ""}')
         continue
       message = _path_problem(path, kind)
       if message:

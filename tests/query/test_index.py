@@ -120,7 +120,7 @@ def test_lps_query_builds_an_index_and_answers_every_format(tmp_path, tiny_set):
   r = _query(index, *map(str, paths.values()), '--format=json', '--top=3')
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout)
-  assert out['index']['models'] == 24 and out['index']['calibration'] is None
+  assert out['indexes'][0]['models'] == 24 and out['indexes'][0]['calibration'] is None
   answers = out['answers']
   assert len(answers) == len(paths) and not out['errors']
   # Row 5 of the set is task 1, run 1: it finds itself (cosine 1) whatever the file format.
@@ -261,7 +261,7 @@ def test_lps_query_builds_from_a_zoo_folder(tmp_path, tiny_set):
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout)
   assert out['answers'][0]['models'][0]['path'] == 'm9.pt'
-  assert out['index']['recipes'] == {'torch-like': 24}
+  assert out['indexes'][0]['recipes'] == {'torch-like': 24}
   assert 'false accepts' in r.stderr and 'written to' in r.stderr
   r = _query('--build', f'--zoo={tmp_path}/zoo', f'--index={tmp_path}/idx2')
   assert r.returncode != 0 and '--zoo needs --labels' in r.stderr
