@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import json
 import os
-import re
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -22,7 +21,7 @@ from lps_jax.query import checkpoint_inputs as inputs_lib
 from lps_jax.query.checkpoint_inputs import Needs
 from lps_jax.training import modelset
 from lps_jax.training.modelset import NetworkStack
-from lps_jax.zoo import manifest
+from lps_jax.zoo import foreign_checkpoints, manifest
 
 
 class ZooError(UserError):
@@ -131,8 +130,7 @@ def from_modelsets(paths: Sequence[str], method: str, config) -> Zoo:
   zoos = [from_modelset(p, method, config) for p in paths]
   if len(zoos) == 1:
     return zoos[0]
-  natural = lambda l: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', l)]
-  labels = sorted({l for z in zoos for l in z.labels}, key=natural)
+  labels = sorted({l for z in zoos for l in z.labels}, key=foreign_checkpoints.natural_key)
   label_of = np.asarray([labels.index(z.labels[i]) for z in zoos for i in z.label_of])
   if isinstance(zoos[0].inputs, NetworkStack):
     if len({z.inputs.paths for z in zoos}) > 1:

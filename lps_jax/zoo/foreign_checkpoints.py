@@ -173,7 +173,8 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
   return arrays
 
 
-def _natural_key(name: str):
+def natural_key(name: str) -> list:
+  """Sort key that orders the numbers inside names by value ('layer2' before 'layer10')."""
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
 
 
@@ -200,7 +201,7 @@ def conv_kernels(arrays: dict[str, np.ndarray], num_layers: int, layout: str = '
     chosen = [k for k, v in arrays.items()
               if v.ndim == 4 and v.shape[spatial] == (kernel_size, kernel_size)]
     if all(k.endswith('kernel') for k in chosen):   # flax trees: file order is not network order
-      chosen = sorted(chosen, key=_natural_key)
+      chosen = sorted(chosen, key=natural_key)
   if len(chosen) < num_layers:
     raise CheckpointError(f'{origin}: found {len(chosen)} {kernel_size}x{kernel_size} conv '
                           f'kernels ({layout.upper()}) where {num_layers} are needed: '

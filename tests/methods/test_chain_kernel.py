@@ -58,11 +58,9 @@ def test_a_layer_scaled_by_1e20_changes_nothing_and_overflows_nothing():
   stack, task_id = _stack(3, 4, config=TINY, signal=1.0)
   est = chain_kernel.ChainKernel(3, C=1.0)
   est.fit(stack, task_id)
-  scaled = stack.with_array('x', np.zeros(stack.num_models))   # a copy of the stack
-  arrays = list(scaled.arrays)
-  for l in range(stack.num_conv):
-    arrays[l] = np.asarray(arrays[l]) * np.float32(1e20 if l % 2 else 1e-20)
-  scaled = dataclasses.replace(scaled, arrays=arrays)
+  arrays = [np.asarray(a) * np.float32(1e20 if l % 2 else 1e-20) if l < stack.num_conv else a
+            for l, a in enumerate(stack.arrays)]
+  scaled = dataclasses.replace(stack, arrays=arrays)
   raw = chain_kernel.self_kernels(chain_kernel.chain_weights(scaled))
   assert not np.all(np.isfinite(raw)) or raw.max() == 0         # what the raw Grams would do
   np.testing.assert_allclose(est.predict(scaled), est.predict(stack), rtol=1e-4, atol=1e-6)
