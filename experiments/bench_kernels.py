@@ -46,9 +46,9 @@ def convs_suite(batch_size: int) -> dict:
 
 
 def breakdown_suite(impls, batch_size: int) -> dict:
-  """Where one model's train step spends its time, for each conv impl."""
+  """Where one model's train step spends its time, for each 'conv[/norm]' impl pair."""
   threads = len(os.sched_getaffinity(0))
-  rows = {impl: bench_lib.step_breakdown(impl, batch_size, threads)
+  rows = {impl: bench_lib.step_breakdown(*bench_lib.impls_spec(impl), batch_size, threads)
           for impl in impls}
   parts = list(next(iter(rows.values())))
   print(f'\n### One model\'s train step, batch {batch_size}, one device, {threads} '

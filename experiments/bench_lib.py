@@ -43,15 +43,27 @@ def matmul_gflops(n: int) -> dict:
 
 
 def config_spec(spec: str) -> train_config.ExecutionConfig:
-  """'default' or 'strategy/conv/devices[/step]' as an ExecutionConfig, unresolved (checks the
-  names and numbers only: no devices, no extension)."""
+  """'default' or 'strategy/conv/devices[/step[/norm]]' as an ExecutionConfig, unresolved
+  (checks the names and numbers only: no devices, no extension)."""
   if spec == 'default':
     return train_config.ExecutionConfig()
   parts = spec.split('/')
-  if len(parts) not in (3, 4) or not parts[2].isdigit():
-    raise UserError(f'config {spec!r}: use default or strategy/conv/devices[/step].')
-  step = parts[3] if len(parts) == 4 else 'auto'
-  return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2]))
+  if len(parts) not in (3, 4, 5) or not parts[2].isdigit():
+    raise UserError(f'config {spec!r}: use default or strategy/conv/devices[/step[/norm]].')
+  step, norm = (parts[3:] + ['auto', 'auto'])[:2]
+  return train_config.ExecutionConfig(parts[0], parts[1], step, num_devices=int(parts[2]),
+                                      norm_impl=norm)
+
+
+def impls_spec(spec: str) -> tuple[str, str]:
+  """'conv[/norm]' (the breakdown suite's items) as (conv impl, norm impl); norm: flax."""
+  from lps_jax.training import batch_norm, resnet
+  conv, _, norm = spec.partition('/')
+  norm = norm or 'flax'
+  if conv not in resnet.CONV_IMPLS or norm not in batch_norm.NORM_IMPLS:
+    raise UserError(f'impls {spec!r}: use conv[/norm], conv one of {resnet.CONV_IMPLS}, norm '
+                    f'one of {batch_norm.NORM_IMPLS}.')
+  return conv, norm
 
 
 def parse_config(spec: str) -> train_config.ExecutionConfig:
@@ -264,16 +276,19 @@ RESNET20_ALL_CONVS = ((32, 3, 16, 3, 1, 1), (32, 16, 16, 3, 1, 6), (32, 16, 32, 
                       (16, 32, 64, 1, 2, 1), (8, 64, 64, 3, 1, 5))
 
 
-def step_breakdown(conv_impl: str, batch: int, threads: int, repeats: int = 5) -> dict:
+def step_breakdown(conv_impl: str, norm_impl: str, batch: int, threads: int,
+                   repeats: int = 5) -> dict:
   """Milliseconds of one model's train step (split: forward + backward programs, one device)
   and of its parts timed in isolation: the batch gather + augmentation, the optimizer update,
-  every conv pass of the step (count-weighted; no input gradient for the stem), one dispatch of
-  a program over the state; `rest` = step - data - optimizer - convs (batch norm, elementwise,
-  pooling, loss, what XLA adds between ops)."""
+  every conv pass of the step (count-weighted; no input gradient for the stem), every batch
+  norm with its ReLU / residual add (forward + backward), one dispatch of a program over the
+  state; `rest` = step - data - optimizer - convs - batch norms (pooling, loss, what XLA adds
+  between ops)."""
+  from experiments import bench_norms
   from lps_jax.training import resnet
   cfg = train_config.TrainConfig(batch_size=batch)
   tx = train_step.make_optimizer(cfg, 8)
-  model = resnet.ResNet(conv_impl=conv_impl, conv_threads=threads)
+  model = resnet.ResNet(conv_impl=conv_impl, conv_threads=threads, norm_impl=norm_impl)
   key = jax.random.PRNGKey(0)
   state = train_step.init_model_state(key, resnet.ResNetConfig(), tx)
   rng = np.random.default_rng(0)
@@ -298,7 +313,10 @@ def step_breakdown(conv_impl: str, batch: int, threads: int, repeats: int = 5) -
     convs += count * _conv_step_ms(conv_impl, threads, side, cin, cout, k, stride, batch,
                                    input_grad=cin != 3, repeats=repeats)
   out['convs (all passes)'] = convs
-  out['rest'] = out['step'] - convs - out['data (gather + augment)'] - out['optimizer update']
+  out['batch norms + ReLU / add (all passes)'] = bench_norms.step_ms(norm_impl, batch, threads,
+                                                                     repeats)
+  out['rest'] = (out['step'] - convs - out['batch norms + ReLU / add (all passes)']
+                 - out['data (gather + augment)'] - out['optimizer update'])
   return out
 
 
@@ -331,17 +349,19 @@ def torch_conv_ms(side: int, cin: int, cout: int, batch: int, repeats: int = 5) 
   fns = {'forward': lambda: torch.nn.functional.conv2d(x, k, padding=1),
          'input grad': lambda: backward((True, False, False)),
          'weight grad': lambda: backward((False, True, False))}
-  out = {}
   with torch.no_grad():
-    for name, f in fns.items():
-      f()
-      best = float('inf')
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t0)
-      out[name] = 1e3 * best
-  return out
+    return {name: best_call_ms(f, repeats) for name, f in fns.items()}
+
+
+def best_call_ms(fn, repeats: int) -> float:
+  """Best of `repeats` wall times of `fn()` after one warm-up call, in ms (eager code: PyTorch)."""
+  fn()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return 1e3 * best
 
 
 def torch_available() -> bool:

@@ -10,7 +10,7 @@ Suites (figures printed as markdown tables and written to --out as JSON):
   matmul   a plain large float32 matmul: the backend's reachable GFLOP/s, the yardstick;
   train    first-order training vs population size for each execution config (`default` =
            whatever `ExecutionConfig()` resolves to on this backend; else
-           strategy/conv/devices[/step]): images/s, model-steps/s, GFLOP/s (useful FLOPs from
+           strategy/conv/devices[/step[/norm]]): images/s, model-steps/s, GFLOP/s (useful FLOPs from
            XLA's cost analysis of one model's step), % of the matmul, compiled step memory;
   devices  the same population on 1, 2, 4, 8 (simulated) devices (--num_cpu_devices=8);
   torch    the default config and PyTorch's per-model loop (plain and channels_last, each run in
@@ -20,9 +20,11 @@ Suites (figures printed as markdown tables and written to --out as JSON):
            a time: XLA, lps-jax's oneDNN custom calls (if built) and PyTorch channels_last (if
            installed, oneDNN too), and reformulations of the
            weight gradient and forward (checked equal first): what bounds the CPU train step;
+  norms    each batch norm of ResNet-20 with its ReLU / residual add, forward and forward +
+           backward, one at a time: Flax / XLA, lps-jax's oneDNN calls, PyTorch channels_last;
   breakdown  one model's split train step (one device, all cores per call) and its parts timed
-           alone: data (gather + augment), optimizer, every conv pass, the rest (batch norm,
-           elementwise, loss), one program dispatch; for each --breakdown_impls;
+           alone: data (gather + augment), optimizer, every conv pass, every batch norm, the
+           rest (pooling, loss, glue), one program dispatch; for each --breakdown_impls;
   align    Eq. 5-8 over a population vs population size and G: models/s forward and
            forward+backward, GFLOP/s, % of the matmul, compiled memory per chunk;
   chunks   peak resident memory of a real `train_population` run (one epoch, its own process)
@@ -36,23 +38,25 @@ import time
 
 from absl import flags
 
-from experiments import bench_kernels, bench_lib, flagdefs
+from experiments import bench_kernels, bench_lib, bench_norms, flagdefs
 from lps_jax.common import files
 
 from lps_jax import align
 from lps_jax.common.checks import Range
 from lps_jax.training import config as train_config
 from lps_jax.training import data as data_lib
-from lps_jax.training import resnet
 
-SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'breakdown', 'align', 'chunks')
+SUITES = ('matmul', 'train', 'devices', 'torch', 'convs', 'norms', 'breakdown', 'align',
+          'chunks')
 flags.DEFINE_list('suites', ['matmul', 'train', 'devices', 'align', 'chunks'],
                   f'Which benchmarks to run, of {SUITES}.')
 flags.DEFINE_list('population_sizes', ['1', '8', '32'], 'Models per chunk (train suite).')
 flags.DEFINE_list('configs', ['default', 'loop/lax/1/fused', 'loop/lax/1/split', 'loop/lax/2/split',
                               'vmap/lax/1', 'unroll/lax/2', 'loop/lax_bf16/2/split'],
-                  'Execution configs (train suite): default, or strategy/conv/devices[/step].')
-flags.DEFINE_list('breakdown_impls', ['lax', 'onednn'], 'Conv impls of the breakdown suite.')
+                  'Execution configs (train suite): default, or '
+                  'strategy/conv/devices[/step[/norm]].')
+flags.DEFINE_list('breakdown_impls', ['lax', 'onednn', 'onednn/onednn'],
+                  'conv[/norm] impls of the breakdown suite (norm: flax unless named).')
 flags.DEFINE_list('device_counts', ['1', '2', '4', '8'], 'Devices (devices suite).')
 flags.DEFINE_integer('devices_population', 8, 'Population of the devices suite.')
 flags.DEFINE_string('devices_config', 'default', 'Config of the devices suite (its device count '
@@ -83,7 +87,7 @@ flags.DEFINE_string('out', 'benchmark_results.json', 'Where to write the JSON fi
 flagdefs.names('suites', SUITES, 'suite')
 flagdefs.parsed('configs', lambda specs: [bench_lib.config_spec(s) for s in specs])
 flagdefs.parsed('devices_config', bench_lib.config_spec)
-flagdefs.names('breakdown_impls', resnet.CONV_IMPLS, 'conv impl')
+flagdefs.parsed('breakdown_impls', lambda specs: [bench_lib.impls_spec(s) for s in specs])
 flagdefs.names('align_impls', align.CHANNEL_IMPLS, 'formulation')
 for _name in ('population_sizes', 'device_counts', 'align_sizes', 'align_filters',
               'chunk_populations'):
@@ -320,6 +324,8 @@ def main(argv):
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
             ('torch', lambda: torch_suite(peak)),
             ('convs', lambda: bench_kernels.convs_suite(FLAGS.batch_size)),
+            ('norms', lambda: bench_norms.norms_suite(FLAGS.batch_size,
+                                                      len(os.sched_getaffinity(0)))),
             ('breakdown', lambda: bench_kernels.breakdown_suite(FLAGS.breakdown_impls,
                                                                 FLAGS.batch_size)),
             ('align', lambda: bench_kernels.align_suite(

@@ -50,9 +50,9 @@ def data_dir():
 def onednn_available() -> bool:
   """Whether the oneDNN extension (optional extra) builds and loads here. CI sets
   LPS_REQUIRE_ONEDNN=1, so its tests fail instead of skipping when it does not."""
-  from lps_jax.training.onednn import build, conv
+  from lps_jax.training.onednn import build, library
   try:
-    conv.load()
+    library.load()
     return True
   except build.OneDNNUnavailable as e:
     if os.environ.get('LPS_REQUIRE_ONEDNN'):

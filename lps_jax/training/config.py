@@ -23,7 +23,7 @@ import jax
 from lps_jax.common import checks as config_checks
 from lps_jax.common.checks import Range, valid
 from lps_jax.common.errors import UserError
-from lps_jax.training import data, resnet
+from lps_jax.training import batch_norm, data, resnet
 
 # Per-model execution strategies (lps_jax.training.popmap): loop = one program per model, models spread
 # over the devices; vmap / unroll = one program for a device's models, inside shard_map.
@@ -32,27 +32,28 @@ STRATEGIES = ('loop', 'vmap', 'unroll')
 # residuals in one program, backward + update in a second (XLA:CPU otherwise re-computes
 # activations inside slow transposes for the weight gradients: see BENCHMARKS.md).
 STEP_FORMULATIONS = ('fused', 'split')
-# Fastest correct (strategy, conv_impl, step) per backend, measured with
+# Fastest correct (strategy, conv_impl, step, norm_impl) per backend, measured with
 # `python -m experiments.benchmark --suites=train` (BENCHMARKS.md).
 # On CPU the oneDNN convs are the default where the optional extra is installed (2.1x the lax
-# step, BENCHMARKS.md); without it, lax, and the log says why (`auto_conv_impl`).
-DEFAULT_EXECUTION = {'cpu': ('loop', 'onednn', 'split'), 'gpu': ('vmap', 'lax', 'fused'),
-                     'tpu': ('vmap', 'lax', 'fused')}
+# step, BENCHMARKS.md); without it, lax, and the log says why (`auto_onednn`).
+DEFAULT_EXECUTION = {'cpu': ('loop', 'onednn', 'split', 'flax'),
+                     'gpu': ('vmap', 'lax', 'fused', 'flax'),
+                     'tpu': ('vmap', 'lax', 'fused', 'flax')}
 
 
 @functools.cache
-def auto_conv_impl(preferred: str) -> str:
-  """`preferred` if it can run here; oneDNN without its extra gives lax, said once in the log
-  (an explicit --conv_impl=onednn fails instead)."""
+def auto_onednn(preferred: str, fallback: str) -> str:
+  """`preferred` if it can run here; a oneDNN impl without its extra gives `fallback`, said once
+  in the log (an explicit --conv_impl=onednn or --norm_impl=onednn fails instead)."""
   if not preferred.startswith('onednn'):
     return preferred
-  from lps_jax.training.onednn import build, conv
+  from lps_jax.training.onednn import build, library
   try:
-    conv.load()
+    library.load()
     return preferred
   except build.OneDNNUnavailable as e:
-    logging.warning('conv_impl auto: lax, not onednn (%s)', e)
-    return 'lax'
+    logging.warning('auto: %s, not %s (%s)', fallback, preferred, e)
+    return fallback
 
 
 def _help(text: str, **extra) -> dict:
@@ -188,9 +189,15 @@ class ExecutionConfig:
       default=10, metadata=valid(INT1, 'Held-out evaluation for the progress bar every N '
                                        'epochs.'))
   conv_threads: int = dataclasses.field(
-      default=0, metadata=valid(INT0, 'OpenMP threads of each oneDNN conv call '
-                                      '(--conv_impl=onednn*); 0 = the cores divided by the '
+      default=0, metadata=valid(INT0, 'OpenMP threads of each oneDNN call (--conv_impl=onednn*, '
+                                      '--norm_impl=onednn); 0 = the cores divided by the '
                                       'devices running at once.'))
+  norm_impl: str = dataclasses.field(
+      default='auto', metadata=_help(
+          'Batch norm in training: flax (nn.BatchNorm, then the ReLU / residual add in XLA) or '
+          'onednn (one oneDNN call each way with the ReLU fused; CPU only, the optional extra); '
+          'auto = the fastest measured on this backend. Evaluation is the same formula in both.',
+          choices=('auto',) + batch_norm.NORM_IMPLS))
 
   def __post_init__(self):
     config_checks.check(self)
@@ -198,10 +205,12 @@ class ExecutionConfig:
   def resolve(self, backend: Optional[str] = None) -> 'ExecutionConfig':
     """Fills in 'auto' for the backend and checks the combination."""
     backend = backend or jax.default_backend()
-    strategy, conv_impl, step = DEFAULT_EXECUTION.get(backend, ('loop', 'lax', 'fused'))
+    strategy, conv_impl, step, norm_impl = DEFAULT_EXECUTION.get(
+        backend, ('loop', 'lax', 'fused', 'flax'))
     explicit_strategy = self.strategy != 'auto'
     strategy = self.strategy if explicit_strategy else strategy
-    conv_impl = auto_conv_impl(conv_impl) if self.conv_impl == 'auto' else self.conv_impl
+    conv_impl = auto_onednn(conv_impl, 'lax') if self.conv_impl == 'auto' else self.conv_impl
+    norm_impl = auto_onednn(norm_impl, 'flax') if self.norm_impl == 'auto' else self.norm_impl
     if self.step != 'auto':
       step = self.step
     elif explicit_strategy and strategy != 'loop':
@@ -227,12 +236,18 @@ class ExecutionConfig:
     if n_dev > n_all:
       raise UserError(f'num_devices={n_dev} but only {n_all} devices exist; on CPU raise '
                        '--num_cpu_devices or lower --num_devices.')
+    if norm_impl not in batch_norm.NORM_IMPLS:
+      raise UserError(f'unknown norm_impl {norm_impl!r}; choose from {batch_norm.NORM_IMPLS}.')
     threads = self.conv_threads
-    if conv_impl.startswith('onednn'):
+    onednn = [f'--{flag}={impl}' for flag, impl in (('conv_impl', conv_impl),
+                                                     ('norm_impl', norm_impl))
+              if impl.startswith('onednn')]
+    if onednn:
       if backend != 'cpu':
-        raise UserError(f'--conv_impl={conv_impl} runs on the CPU; on {backend} use lax.')
-      from lps_jax.training.onednn import conv as onednn_conv
-      onednn_conv.load()   # OneDNNUnavailable (one line: what is missing) before any compile
+        raise UserError(f'{" and ".join(onednn)} run on the CPU; on {backend} use '
+                        '--conv_impl=lax --norm_impl=flax.')
+      from lps_jax.training.onednn import library
+      library.load()   # OneDNNUnavailable (one line: what is missing) before any compile
       threads = threads or max(1, len(os.sched_getaffinity(0)) // n_dev)
     return dataclasses.replace(self, strategy=strategy, conv_impl=conv_impl, step=step,
-                               num_devices=n_dev, conv_threads=threads)
+                               num_devices=n_dev, conv_threads=threads, norm_impl=norm_impl)

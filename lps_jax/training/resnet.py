@@ -26,6 +26,7 @@ from lps_jax.common import checks as config_checks
 from lps_jax.common.checks import Range, valid
 from lps_jax.common.errors import UserError
 from lps_jax.symmetry import permutations
+from lps_jax.training import batch_norm
 from lps_jax.training.onednn import conv as onednn_conv   # built and loaded only when used
 from lps_jax.training.onednn.conv import same_padding
 
@@ -135,38 +136,38 @@ class BasicBlock(nn.Module):
   strides: int
   conv_impl: str = 'lax'
   conv_threads: int = 0
+  norm_impl: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                     epsilon=1e-5, name=name)
+    norm = functools.partial(batch_norm.norm, train=train, impl=self.norm_impl,
+                             threads=self.conv_threads)
     conv = functools.partial(Conv, impl=self.conv_impl, threads=self.conv_threads)
     y = conv(self.features, 3, self.strides, name='conv1')(x)
-    y = nn.relu(norm('bn1')(y))
+    y = norm(y, name='bn1', relu=True)
     y = conv(self.features, 3, 1, name='conv2')(y)
-    y = norm('bn2')(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = conv(self.features, 1, self.strides, name='shortcut_conv')(x)
-      x = norm('shortcut_bn')(x)
-    return nn.relu(x + y)
+      x = norm(x, name='shortcut_bn')
+    return norm(y, name='bn2', residual=x)
 
 
 class ResNet(nn.Module):
   """CIFAR ResNet; `features=True` returns the pooled features instead of the logits."""
   config: ResNetConfig = ResNetConfig()
   conv_impl: str = 'lax'
-  conv_threads: int = 0   # OpenMP threads per oneDNN conv call (0 = OpenMP's default)
+  conv_threads: int = 0   # OpenMP threads per oneDNN call (0 = OpenMP's default)
+  norm_impl: str = 'flax'   # batch_norm.NORM_IMPLS
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     cfg = self.config
     x = Conv(cfg.widths[0], 3, 1, self.conv_impl, self.conv_threads, name='conv1')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn1')(x)
-    x = nn.relu(x)
+    x = batch_norm.norm(x, train, 'bn1', self.norm_impl, self.conv_threads, relu=True)
     for s, (n_blocks, width) in enumerate(zip(cfg.blocks_per_stage, cfg.widths), start=1):
       for b in range(1, n_blocks + 1):
         strides = 2 if (s > 1 and b == 1) else 1
-        x = BasicBlock(width, strides, self.conv_impl, self.conv_threads,
+        x = BasicBlock(width, strides, self.conv_impl, self.conv_threads, self.norm_impl,
                        name=f'stage{s}_block{b}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if features:

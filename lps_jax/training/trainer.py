@@ -55,7 +55,7 @@ class PopulationTrainer:
     self.steps_per_epoch = config.train.steps_per_epoch(self.tasks.train_idx.shape[1])
     self.tx = make_optimizer(config.train, self.steps_per_epoch)
     self.model = resnet.ResNet(config.model, conv_impl=ex.conv_impl,
-                               conv_threads=ex.conv_threads)
+                               conv_threads=ex.conv_threads, norm_impl=ex.norm_impl)
     self.population = pop = popmap.Population(ex.strategy, popmap.make_mesh(ex.num_devices))
     self.chunk_size = pop.padded_size(ex.models_per_chunk)
     if self.chunk_size != ex.models_per_chunk:

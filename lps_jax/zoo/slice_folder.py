@@ -109,8 +109,8 @@ def versions(conv_impl: str) -> dict:
   import jaxlib
   out = {'jax': jax.__version__, 'jaxlib': jaxlib.__version__}
   if conv_impl.startswith('onednn'):
-    from lps_jax.training.onednn import conv as onednn_conv
-    out['onednn'] = onednn_conv.version()
+    from lps_jax.training.onednn import library
+    out['onednn'] = library.version()
   return out
 
 
@@ -212,10 +212,10 @@ def execution_of(entry: dict):
   """The ExecutionConfig of a slice record or a timing.json line (older lines name only the
   strategy, conv impl, step and devices)."""
   from lps_jax.training.config import ExecutionConfig
-  if 'execution' in entry:
-    return ExecutionConfig(**entry['execution'])
+  if 'execution' in entry:   # records from before the oneDNN batch norm ran Flax's
+    return ExecutionConfig(**{'norm_impl': 'flax', **entry['execution']})
   return ExecutionConfig(entry['strategy'], entry['conv_impl'], entry['step'],
-                         num_devices=entry['devices'])
+                         num_devices=entry['devices'], norm_impl='flax')
 
 
 def replay_check(folder: str, data_dir: Optional[str], model: Optional[tuple] = None,

@@ -97,8 +97,8 @@ def test_branches_mode_reads_the_layers_a_kernels_file_holds(tmp_path):
 
 def test_benchmark_runs_and_writes_json(tmp_path):
   out = tmp_path / 'b.json'
-  impls = ['lax'] + (['onednn'] if onednn_available() else [])
-  r = _run('experiments.benchmark', '--suites=align,convs,breakdown', '--align_sizes=3',
+  impls = ['lax'] + (['onednn', 'onednn/onednn'] if onednn_available() else [])
+  r = _run('experiments.benchmark', '--suites=align,convs,norms,breakdown', '--align_sizes=3',
            '--align_filters=2', '--align_chunk=2', '--matmul_size=64', '--num_cpu_devices=1',
            '--batch_size=2', f'--breakdown_impls={",".join(impls)}', f'--out={out}')
   assert r.returncode == 0, r.stderr[-2000:]
@@ -114,7 +114,12 @@ def test_benchmark_runs_and_writes_json(tmp_path):
   assert convs['per_model_step_ms']['xla']['weight grad'] > 0
   if 'onednn' in impls:   # beside XLA, each pass checked equal to XLA's first
     assert convs['per_model_step_ms']['onednn']['weight grad'] > 0
+  norms = res['norms']
+  assert sum(row['count'] for row in norms['rows']) == 21       # every batch norm of ResNet-20
+  assert all(v > 0 for row in norms['rows'] for v in row['xla'].values())
+  assert ('onednn' in norms['per_model_step_ms']) == ('onednn' in impls)
   for impl in impls:
     parts = res['breakdown']['rows'][impl]
     assert all(parts[k] > 0 for k in ('step', 'convs (all passes)', 'optimizer update',
-                                      'data (gather + augment)'))
+                                      'data (gather + augment)',
+                                      'batch norms + ReLU / add (all passes)'))

@@ -105,20 +105,24 @@ def test_missing_pieces_are_named_in_one_line(tmp_path, monkeypatch):
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(build.OneDNNUnavailable, match="compiler 'no-such-compiler' was not found"):
     build.library_path()
-  # Asked for: an error. Not asked for (auto): lax, and the log says why.
-  from lps_jax.training.onednn import conv
+  # Asked for: an error. Not asked for (auto): lax / flax, and the log says why.
+  from lps_jax.training.onednn import library
   def unavailable():
     raise build.OneDNNUnavailable('test: no oneDNN here')
-  monkeypatch.setattr(conv, 'load', unavailable)
-  train_config.auto_conv_impl.cache_clear()
+  monkeypatch.setattr(library, 'load', unavailable)
+  train_config.auto_onednn.cache_clear()
   try:
-    with pytest.raises(build.OneDNNUnavailable, match='no oneDNN here'):
-      train_config.ExecutionConfig(conv_impl='onednn').resolve('cpu')
-    assert train_config.ExecutionConfig().resolve('cpu').conv_impl == 'lax'
+    for flag in ('conv_impl', 'norm_impl'):
+      with pytest.raises(build.OneDNNUnavailable, match='no oneDNN here'):
+        train_config.ExecutionConfig(**{flag: 'onednn'}).resolve('cpu')
+    resolved = train_config.ExecutionConfig().resolve('cpu')
+    assert (resolved.conv_impl, resolved.norm_impl) == ('lax', 'flax')
   finally:
-    train_config.auto_conv_impl.cache_clear()
-  with pytest.raises(ValueError, match='runs on the CPU'):
+    train_config.auto_onednn.cache_clear()
+  with pytest.raises(ValueError, match='run on the CPU'):
     train_config.ExecutionConfig('vmap', 'onednn').resolve('gpu')
+  with pytest.raises(ValueError, match='--norm_impl=onednn run on the CPU'):
+    train_config.ExecutionConfig('vmap', 'lax', norm_impl='onednn').resolve('gpu')
 
 
 @pytest.mark.slow

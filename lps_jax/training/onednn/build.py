@@ -1,4 +1,5 @@
-"""Builds the oneDNN convolution extension (`conv.cc`) against the pip wheels, once per cache.
+"""Builds the oneDNN extension (`conv.cc`, `norm.cc`, `common.h`) against the pip wheels, once per
+cache.
 
   python -m lps_jax.training.onednn.build        # the documented build command (prints the library path)
 
@@ -22,7 +23,9 @@ import sysconfig
 from lps_jax.common import files
 from lps_jax.common.errors import UserError
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'conv.cc')
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, name) for name in ('conv.cc', 'norm.cc'))
+HEADERS = (os.path.join(_HERE, 'common.h'),)
 CACHE_ENV = 'LPS_ONEDNN_CACHE'
 LIBRARY = 'liblps_onednn.so'
 INSTALL_HINT = 'pip install -e .[onednn]  (or: pip install -r requirements-onednn.txt)'
@@ -63,7 +66,7 @@ def compile_command(output: str) -> list[str]:
                             f'compiler {cxx!r} was not found: install g++ (e.g. apt-get install '
                             f'g++) or set $CXX.')
   return [cxx, '-O3', '-std=c++17', '-shared', '-fPIC', '-w', '-I', jax.ffi.include_dir(),
-          '-I', include, SOURCE, '-o', output, '-L', libdir, '-ldnnl', '-lgomp',
+          '-I', include, *SOURCES, '-o', output, '-L', libdir, '-ldnnl', '-lgomp',
           f'-Wl,-rpath,{libdir}']
 
 
@@ -76,8 +79,10 @@ def library_path() -> str:
   """The built extension, building it first if this source / compiler / jaxlib has none."""
   import jaxlib
   command = compile_command('{output}')
-  with open(SOURCE, 'rb') as f:
-    digest = hashlib.sha256(f.read() + repr((command, jaxlib.__version__)).encode())
+  digest = hashlib.sha256(repr((command, jaxlib.__version__)).encode())
+  for source in SOURCES + HEADERS:
+    with open(source, 'rb') as f:
+      digest.update(f.read())
   folder = os.path.join(cache_dir(), digest.hexdigest()[:16])
   path = os.path.join(folder, LIBRARY)
   if os.path.exists(path):

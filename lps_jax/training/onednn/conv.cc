@@ -13,20 +13,17 @@
 #include <omp.h>
 
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
-#include <unordered_map>
-#include <vector>
 
-#include "oneapi/dnnl/dnnl.hpp"
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 
 namespace {
+
+using namespace lps_onednn;   // NOLINT: the shared helpers of common.h
 
 enum class Pass { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
@@ -54,28 +51,6 @@ struct Entry {
   memory::desc first, second;     // the activations: (x, y), (dy, dx) or (x, dy)
   memory::desc scratchpad;
 };
-
-dnnl::engine& Engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
-// Scratch space of the calling thread (XLA may run several calls at once on its threads).
-struct ThreadScratch {
-  std::vector<uint8_t> scratchpad, weights;
-  std::unique_ptr<dnnl::stream> stream;
-};
-
-ThreadScratch& Scratch() {
-  thread_local ThreadScratch scratch;
-  if (!scratch.stream) scratch.stream = std::make_unique<dnnl::stream>(Engine());
-  return scratch;
-}
-
-void* Grow(std::vector<uint8_t>& buffer, size_t bytes) {
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
-}
 
 Entry Create(const Geometry& g) {
   using tag = memory::format_tag;
@@ -132,13 +107,7 @@ Entry Create(const Geometry& g) {
 }
 
 const Entry& Lookup(const Geometry& g) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
-  const std::string key = g.Key();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, std::make_unique<Entry>(Create(g))).first;
-  return *it->second;
+  return Cached<Entry>(g.Key(), [&g] { return Create(g); });
 }
 
 ffi::Error InputType(const ffi::AnyBuffer& b, memory::data_type* type) {
@@ -147,15 +116,6 @@ ffi::Error InputType(const ffi::AnyBuffer& b, memory::data_type* type) {
     case ffi::DataType::BF16: *type = memory::data_type::bf16; return ffi::Error::Success();
     default: return ffi::Error::InvalidArgument("lps_onednn: inputs must be float32 or bfloat16");
   }
-}
-
-// Splits [..., d0, d1, d2, d3] into a leading count and the last four dimensions.
-bool Split4(ffi::AnyBuffer::Dimensions dims, int64_t* lead, int64_t out[4]) {
-  if (dims.size() < 4) return false;
-  *lead = 1;
-  for (size_t i = 0; i + 4 < dims.size(); ++i) *lead *= dims[i];
-  for (int i = 0; i < 4; ++i) out[i] = dims[dims.size() - 4 + i];
-  return true;
 }
 
 ffi::Error Run(Pass pass, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,

@@ -10,7 +10,6 @@ axes are looped over inside one call with one primitive (`vmap_method='broadcast
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import jax
@@ -18,30 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lps_jax.common.errors import UserError
-from lps_jax.training.onednn import build
+from lps_jax.training.onednn import library
 
-FWD, BWD_DATA, BWD_WEIGHTS = ('lps_onednn_conv_fwd', 'lps_onednn_conv_bwd_data',
-                              'lps_onednn_conv_bwd_weights')
-
-
-@functools.cache
-def load() -> ctypes.CDLL:
-  """Builds (first time) and loads the extension and registers its FFI targets once."""
-  path = build.library_path()
-  try:
-    lib = ctypes.CDLL(path)
-  except OSError as e:
-    raise build.OneDNNUnavailable(f'cannot load the oneDNN extension {path} ({e}): reinstall '
-                                  f'the extra ({build.INSTALL_HINT}) and rerun '
-                                  'python -m lps_jax.training.onednn.build') from e
-  for name in (FWD, BWD_DATA, BWD_WEIGHTS):
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-  return lib
-
-
-def version() -> str:
-  v = load().lps_onednn_version()
-  return f'{v // 10000}.{v // 100 % 100}.{v % 100}'
+FWD, BWD_DATA, BWD_WEIGHTS = library.TARGETS[:3]
 
 
 def same_padding(size: int, k: int, stride: int) -> tuple[int, int]:
@@ -84,7 +62,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int = 1, threads: int = 0,
 def _conv_fwd(x, kernel, stride, threads, bf16):
   if x.ndim != 4 or kernel.ndim != 4:
     raise UserError(f'conv takes NHWC x and HWIO kernel, got shapes {x.shape}, {kernel.shape}.')
-  load()
+  library.load()
   pads, y_shape = _geometry(x.shape, kernel.shape, stride)
   x, kernel = _inputs(bf16, x, kernel)
   return _call(FWD, x, kernel, y_shape, stride, pads, threads), (x, kernel)
