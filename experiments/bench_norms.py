@@ -4,10 +4,12 @@ residual add + ReLU of a block's end), forward and forward + backward, through F
 lps-jax's oneDNN calls and PyTorch (channels_last, its own oneDNN), one at a time."""
 from __future__ import annotations
 
+import functools
 import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from experiments import bench_lib
 from lps_jax.training import batch_norm
@@ -21,30 +23,86 @@ RESNET20_NORMS = ((32, 16, 'relu', 4), (32, 16, 'add', 3), (16, 32, 'relu', 3),
 PASSES = ('forward', 'forward + backward')
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def hand_vjp_batch_norm(x, scale, bias, relu: bool):
+  """A pure-JAX reformulation for comparison: batch norm (+ ReLU) with a hand-written VJP
+  (two reductions per pass, the textbook backward), for XLA to fuse."""
+  return _hand_fwd(x, scale, bias, relu)[0]
+
+
+def _hand_fwd(x, scale, bias, relu):
+  mean = jnp.mean(x, (0, 1, 2))
+  var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+  inv = jax.lax.rsqrt(var + batch_norm.EPSILON)
+  y = (x - mean) * (inv * scale) + bias
+  y = jnp.maximum(y, 0) if relu else y
+  return (y, mean, var), (x, scale, mean, inv, y)
+
+
+def _hand_bwd(relu, residuals, cotangents):
+  x, scale, mean, inv, y = residuals
+  dy = jnp.where(y > 0, cotangents[0], 0) if relu else cotangents[0]
+  xhat = (x - mean) * inv
+  dbias, dscale = jnp.sum(dy, (0, 1, 2)), jnp.sum(dy * xhat, (0, 1, 2))
+  n = x.size // x.shape[-1]
+  return (scale * inv) * (dy - dbias / n - xhat * (dscale / n)), dscale, dbias
+
+
+hand_vjp_batch_norm.defvjp(_hand_fwd, _hand_bwd)
+
+
+class _HandVJPNorm(nn.Module):
+  """hand_vjp_batch_norm with Flax's variables and running-statistics update."""
+
+  @nn.compact
+  def __call__(self, x, relu, residual):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,))
+    bias = self.param('bias', nn.initializers.zeros, (c,))
+    y, mean, var = hand_vjp_batch_norm(x, scale, bias, relu and residual is None)
+    for name, value in (('mean', mean), ('var', var)):
+      stat = self.variable('batch_stats', name, jnp.zeros, (c,))
+      stat.value = batch_norm.MOMENTUM * stat.value + (1 - batch_norm.MOMENTUM) * value
+    return y if residual is None else nn.relu(residual + y)
+
+
 class _Norm(nn.Module):
-  impl: str
+  impl: str     # batch_norm.NORM_IMPLS, or 'hand_vjp' (hand_vjp_batch_norm)
   mode: str
   threads: int
 
   @nn.compact
   def __call__(self, x, residual):
-    return batch_norm.norm(x, True, 'bn', self.impl, self.threads, relu=self.mode != 'plain',
-                           residual=residual if self.mode == 'add' else None)
+    relu, residual = self.mode != 'plain', residual if self.mode == 'add' else None
+    if self.impl == 'hand_vjp':
+      return _HandVJPNorm(name='bn')(x, relu, residual)
+    return batch_norm.norm(x, True, 'bn', self.impl, self.threads, relu, residual)
 
 
-def norm_ms(impl: str, side: int, c: int, mode: str, batch: int, threads: int,
-            repeats: int = 5) -> dict:
-  """Milliseconds of one training-mode batch norm (+ ReLU / + add + ReLU) through
-  `batch_norm.norm`: forward (with the running-statistics update) and forward + backward."""
+def _passes(impl, mode, threads, x, residual, dy):
+  """(forward, forward + backward) of one batch norm as functions of (params, x, residual)."""
   module = _Norm(impl, mode, threads)
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  x, residual, dy = (jax.random.normal(k, (batch, side, side, c)) for k in keys)
   variables = module.init(jax.random.PRNGKey(1), x, residual)
   forward = lambda p, x, r: module.apply({'params': p, 'batch_stats': variables['batch_stats']},
                                          x, r, mutable=['batch_stats'])
   both = lambda p, x, r: jax.vjp(lambda p, x, r: forward(p, x, r)[0], p, x, r)[1](dy)
-  return {name: 1e3 * bench_lib.best_time(jax.jit(f), variables['params'], x, residual,
-                                          repeats=repeats)
+  return variables['params'], jax.jit(forward), jax.jit(both)
+
+
+def norm_ms(impl: str, side: int, c: int, mode: str, batch: int, threads: int,
+            repeats: int = 5) -> dict:
+  """Milliseconds of one training-mode batch norm (+ ReLU / + add + ReLU): forward (with the
+  running-statistics update) and forward + backward; a formulation other than Flax's is
+  checked against Flax's gradients first."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, residual, dy = (jax.random.normal(k, (batch, side, side, c)) for k in keys)
+  params, forward, both = _passes(impl, mode, threads, x, residual, dy)
+  if impl != 'flax':
+    want = jax.tree.leaves(_passes('flax', mode, threads, x, residual, dy)[2](params, x, residual))
+    for g, w in zip(jax.tree.leaves(both(params, x, residual)), want):
+      rel = float(jnp.linalg.norm(g - w) / max(float(jnp.linalg.norm(w)), 1e-30))
+      assert rel < 1e-2, f'{impl} {mode} {x.shape}: gradients differ from Flax\'s ({rel:.1e})'
+  return {name: 1e3 * bench_lib.best_time(f, params, x, residual, repeats=repeats)
           for name, f in zip(PASSES, (forward, both))}
 
 
@@ -79,9 +137,10 @@ def step_ms(impl: str, batch: int, threads: int, repeats: int = 5) -> float:
 
 
 def norms_suite(batch_size: int, threads: int) -> dict:
-  """Each batch norm shape of ResNet-20 in Flax / XLA, oneDNN (if built), PyTorch (if
-  installed), with the per-step totals."""
-  libs = {'xla': lambda *a: norm_ms('flax', *a, batch_size, threads)}
+  """Each batch norm shape of ResNet-20 in Flax / XLA, as a hand-written VJP in pure JAX,
+  in oneDNN (if built), in PyTorch (if installed), with the per-step totals."""
+  libs = {'xla': lambda *a: norm_ms('flax', *a, batch_size, threads),
+          'xla hand VJP': lambda *a: norm_ms('hand_vjp', *a, batch_size, threads)}
   if bench_lib.onednn_available():
     libs['onednn'] = lambda *a: norm_ms('onednn', *a, batch_size, threads)
   else:

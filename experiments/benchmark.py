@@ -65,6 +65,8 @@ flags.DEFINE_integer('batch_size', 128, 'Images per model per step.')
 flags.DEFINE_integer('num_steps', 3, 'Timed steps per configuration.')
 flags.DEFINE_integer('max_config_seconds', 600, 'Skip larger populations of a config once one '
                      'population took longer than this (compile + timed steps).')
+flags.DEFINE_integer('norm_threads', 1, 'OpenMP threads per call in the norms suite (1: what '
+                     'each of the CPU default\'s two devices gives a call on 2 cores).')
 flags.DEFINE_integer('torch_models', 8, 'Models per round of the torch suite.')
 flags.DEFINE_integer('torch_rounds', 3, 'Interleaved rounds of the torch suite (medians).')
 flags.DEFINE_list('align_sizes', ['50', '500'], 'Population sizes (align suite).')
@@ -93,6 +95,7 @@ for _name in ('population_sizes', 'device_counts', 'align_sizes', 'align_filters
               'chunk_populations'):
   flagdefs.check(_name, Range(1, integer=True, nonempty=True), item=int)
 for _name in ('devices_population', 'batch_size', 'num_steps', 'max_config_seconds',
+              'norm_threads',
               'torch_models', 'torch_rounds', 'align_chunk', 'chunk_size', 'num_cpu_devices'):
   flagdefs.check(_name, Range(1, integer=True))
 flagdefs.check('matmul_size', Range(0, integer=True))
@@ -324,8 +327,7 @@ def main(argv):
   suites = [('train', lambda: train_suite(peak)), ('devices', lambda: devices_suite(peak)),
             ('torch', lambda: torch_suite(peak)),
             ('convs', lambda: bench_kernels.convs_suite(FLAGS.batch_size)),
-            ('norms', lambda: bench_norms.norms_suite(FLAGS.batch_size,
-                                                      len(os.sched_getaffinity(0)))),
+            ('norms', lambda: bench_norms.norms_suite(FLAGS.batch_size, FLAGS.norm_threads)),
             ('breakdown', lambda: bench_kernels.breakdown_suite(FLAGS.breakdown_impls,
                                                                 FLAGS.batch_size)),
             ('align', lambda: bench_kernels.align_suite(

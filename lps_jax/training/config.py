@@ -34,9 +34,9 @@ STRATEGIES = ('loop', 'vmap', 'unroll')
 STEP_FORMULATIONS = ('fused', 'split')
 # Fastest correct (strategy, conv_impl, step, norm_impl) per backend, measured with
 # `python -m experiments.benchmark --suites=train` (BENCHMARKS.md).
-# On CPU the oneDNN convs are the default where the optional extra is installed (2.1x the lax
-# step, BENCHMARKS.md); without it, lax, and the log says why (`auto_onednn`).
-DEFAULT_EXECUTION = {'cpu': ('loop', 'onednn', 'split', 'flax'),
+# On CPU the oneDNN convs and batch norm are the default where the optional extra is installed
+# (BENCHMARKS.md); without it, lax and flax, and the log says why (`auto_onednn`).
+DEFAULT_EXECUTION = {'cpu': ('loop', 'onednn', 'split', 'onednn'),
                      'gpu': ('vmap', 'lax', 'fused', 'flax'),
                      'tpu': ('vmap', 'lax', 'fused', 'flax')}
 

@@ -20,10 +20,11 @@ MODES = ('plain', 'relu', 'add')
 class _Norm(nn.Module):
   impl: str
   mode: str
+  threads: int = 1
 
   @nn.compact
   def __call__(self, x, residual, train):
-    return batch_norm.norm(x, train, 'bn', self.impl, 1, relu=self.mode != 'plain',
+    return batch_norm.norm(x, train, 'bn', self.impl, self.threads, relu=self.mode != 'plain',
                            residual=residual if self.mode == 'add' else None)
 
 
@@ -39,10 +40,10 @@ def _operands(shape, seed):
   return x, residual, dy, {'params': {'bn': params}, 'batch_stats': {'bn': stats}}
 
 
-def _train_pass(impl, mode, variables, x, residual, dy, mask=None):
+def _train_pass(impl, mode, variables, x, residual, dy, mask=None, threads=1):
   """Output, new running statistics and the gradients of <dy, output> w.r.t. x, scale, bias,
   residual. `mask` replaces the ReLU's own mask (so that both sides use the same one)."""
-  module = _Norm(impl, 'plain' if mask is not None else mode)
+  module = _Norm(impl, 'plain' if mask is not None else mode, threads)
 
   def f(params, x, residual):
     out, new = module.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
@@ -56,11 +57,13 @@ def _train_pass(impl, mode, variables, x, residual, dy, mask=None):
   return out, stats, dx, d_params['bn']['scale'], d_params['bn']['bias'], dres
 
 
+@pytest.mark.parametrize('threads', (1, 2))
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)))
-def test_training_pass_equals_flax(shape, mode):
+def test_training_pass_equals_flax(shape, mode, threads):
   x, residual, dy, variables = _operands(shape, sum(shape) + len(mode))
-  got = jax.jit(lambda *a: _train_pass('onednn', mode, variables, *a))(x, residual, dy)
+  got = jax.jit(lambda *a: _train_pass('onednn', mode, variables, *a, threads=threads))(
+      x, residual, dy)
   # Flax's side through oneDNN's own ReLU mask: a pre-activation within rounding of 0 may
   # flip sign between the two, which is not a disagreement of the normalisation.
   mask = (np.asarray(got[0]) > 0).astype(np.float32) if mode != 'plain' else None

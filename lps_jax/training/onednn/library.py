@@ -26,8 +26,8 @@ def load() -> ctypes.CDLL:
   for name in TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
   lib.lps_onednn_bn_workspace_bytes.restype = ctypes.c_int64
-  lib.lps_onednn_bn_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float,
-                                                                      ctypes.c_int64]
+  lib.lps_onednn_bn_workspace_bytes.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float] + [
+      ctypes.c_int64] * 2
   return lib
 
 

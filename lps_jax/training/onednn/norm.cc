@@ -28,10 +28,13 @@ namespace {
 
 using namespace lps_onednn;   // NOLINT: the shared helpers of common.h
 
+// oneDNN plans a primitive's work for the OpenMP team of the thread that creates it, so the
+// team size is part of the key and the primitive is created under it (as the convs do).
 struct Geometry {
   int64_t n, h, w, c;
   float epsilon;
   bool relu;
+  int64_t threads;
 
   normalization_flags Flags() const {
     auto f = normalization_flags::use_scale | normalization_flags::use_shift;
@@ -42,7 +45,8 @@ struct Geometry {
     std::ostringstream s;
     uint32_t eps_bits;
     std::memcpy(&eps_bits, &epsilon, sizeof eps_bits);
-    s << n << ',' << h << ',' << w << ',' << c << ':' << eps_bits << ':' << relu;
+    s << n << ',' << h << ',' << w << ',' << c << ':' << eps_bits << ':' << relu << ':'
+      << threads;
     return s.str();
   }
 };
@@ -105,7 +109,7 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> workspace, float epsilon, int64_t relu,
                    int64_t threads) {
   Geometry g{};
-  g.epsilon = epsilon, g.relu = relu != 0;
+  g.epsilon = epsilon, g.relu = relu != 0, g.threads = threads;
   int64_t lead;
   if (auto err = Check(x, {&*y}, {&scale, &bias, &*mean, &*var}, &g, &lead);
       err.failure())
@@ -147,7 +151,7 @@ ffi::Error Backward(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer scale,
                     ffi::Result<ffi::AnyBuffer> dbias, float epsilon,
                     int64_t relu, int64_t threads) {
   Geometry g{};
-  g.epsilon = epsilon, g.relu = relu != 0;
+  g.epsilon = epsilon, g.relu = relu != 0, g.threads = threads;
   int64_t lead;
   if (auto err = Check(x, {&dy, &*dx},
                        {&scale, &mean, &var, &*dscale, &*dbias}, &g, &lead);
@@ -217,13 +221,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lps_onednn_bn_bwd, Backward,
                                   .Attr<int64_t>("threads"));
 
 // Bytes of oneDNN's workspace for one model's batch normalization of this shape (0 without a
-// fused ReLU); the Python side sizes the workspace output with it. -1 if oneDNN refuses.
+// fused ReLU); the Python side sizes the workspace output with it. -1 if oneDNN refuses. The
+// primitive is created (and cached) under the calling thread's team of `threads`, which is
+// restored after.
 extern "C" int64_t lps_onednn_bn_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_t c,
-                                                 float epsilon, int64_t relu) {
+                                                 float epsilon, int64_t relu, int64_t threads) {
+  const int saved = omp_get_max_threads();
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  int64_t bytes = -1;
   try {
-    Geometry g{n, h, w, c, epsilon, relu != 0};
-    return static_cast<int64_t>(Lookup(g).workspace.get_size());
+    bytes = static_cast<int64_t>(Lookup(Geometry{n, h, w, c, epsilon, relu != 0, threads})
+                                     .workspace.get_size());
   } catch (const dnnl::error&) {
-    return -1;
   }
+  omp_set_num_threads(saved);
+  return bytes;
 }

@@ -22,9 +22,10 @@ FWD, BWD = library.TARGETS[3:5]
 
 
 @functools.cache
-def workspace_bytes(n: int, h: int, w: int, c: int, epsilon: float, relu: bool) -> int:
+def workspace_bytes(n: int, h: int, w: int, c: int, epsilon: float, relu: bool,
+                    threads: int) -> int:
   """Bytes of oneDNN's workspace for one model's call of this shape (at least 1)."""
-  got = library.load().lps_onednn_bn_workspace_bytes(n, h, w, c, epsilon, int(relu))
+  got = library.load().lps_onednn_bn_workspace_bytes(n, h, w, c, epsilon, int(relu), threads)
   if got < 0:
     raise UserError(f'oneDNN has no batch normalization for NHWC {(n, h, w, c)} '
                     f'(relu={relu}): use --norm_impl=flax.')
@@ -49,7 +50,7 @@ def _bn_fwd(x, scale, bias, epsilon, relu, threads):
   f32 = jnp.float32
   outs = (jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct((c,), f32),
           jax.ShapeDtypeStruct((c,), f32),
-          jax.ShapeDtypeStruct((workspace_bytes(*x.shape, epsilon, relu),), jnp.uint8))
+          jax.ShapeDtypeStruct((workspace_bytes(*x.shape, epsilon, relu, threads),), jnp.uint8))
   y, mean, var, workspace = jax.ffi.ffi_call(FWD, outs, vmap_method='broadcast_all')(
       x, scale, bias, epsilon=np.float32(epsilon), relu=np.int64(relu), threads=np.int64(threads))
   return (y, mean, var), (x, scale, mean, var, workspace)
