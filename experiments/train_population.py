@@ -149,11 +149,11 @@ def main(argv):
   except UserError as e:
     sys.exit(f'error: {e}')
   ex = pop_trainer.execution
-  logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s step=%s '
-               'devices=%d chunk=%d, %d images per task, %d updates per epoch (batches %s), '
-               '%d updates per model', len(config.models()), len(config.task_ids),
-               config.runs_per_task, jax.default_backend(), ex.strategy, ex.conv_impl, ex.step,
-               ex.num_devices, pop_trainer.chunk_size, pop_trainer.tasks.train_idx.shape[1],
+  logging.info('%d models (%d tasks x %d runs), backend=%s strategy=%s conv=%s norm=%s '
+               'step=%s devices=%d chunk=%d, %d images per task, %d updates per epoch '
+               '(batches %s), %d updates per model', len(config.models()), len(config.task_ids),
+               config.runs_per_task, jax.default_backend(), ex.strategy, ex.conv_impl,
+               ex.norm_impl, ex.step, ex.num_devices, pop_trainer.chunk_size, pop_trainer.tasks.train_idx.shape[1],
                pop_trainer.steps_per_epoch, pop_trainer.batch_sizes[-2:],
                pop_trainer.steps_per_epoch * config.train.epochs)
   t0 = time.time()

@@ -18,7 +18,7 @@ from lps_jax.common import files
 from lps_jax.training import modelset
 from lps_jax.training.data import NUM_TASKS
 from lps_jax.zoo import whole_models
-from lps_jax.zoo.slice_folder import SliceError, read
+from lps_jax.zoo.slice_folder import SliceError, execution_of, read
 
 
 def _recipe(config: dict) -> dict:
@@ -69,6 +69,7 @@ def check(root: str, allow_gaps: bool = False) -> dict:
                   'device_kind': s.record['hardware']['device_kind'],
                   'cpu': s.record['hardware']['cpu'],
                   'conv_impl': s.record['execution']['conv_impl'],
+                  'norm_impl': execution_of(s.record).norm_impl,
                   'wall_seconds': s.record['wall_seconds'],
                   'heldout_accuracy_mean': s.record['heldout_accuracy_mean'],
                   'whole_bytes': (s.record.get('whole') or {}).get('bytes'),
@@ -110,12 +111,12 @@ def manifest_markdown(manifest: dict) -> str:
   lines = ['# ModelSet500 slices', '',
            f'{len(manifest["tasks"])} of {NUM_TASKS} tasks, {manifest["num_models"]} models '
            f'({manifest["runs_per_task"]} runs per task). {manifest["rounding"].capitalize()}.',
-           '', '| slice | tasks | backend | device | conv | wall (s) | mean held-out acc | whole '
-           'models | jax |', '|---|---|---|---|---|---|---|---|---|']
+           '', '| slice | tasks | backend | device | conv | batch norm | wall (s) | mean held-out '
+           'acc | whole models | jax |', '|---|---|---|---|---|---|---|---|---|---|']
   for s in manifest['slices']:
     lines.append(f'| {s["folder"]} | {s["tasks"][0]}-{s["tasks"][-1]} | {s["backend"]} | '
                  f'{s["cpu"] if s["backend"] == "cpu" else s["device_kind"]} | {s["conv_impl"]} '
-                 f'| {s["wall_seconds"]:.0f} | {s["heldout_accuracy_mean"]:.3f} | '
+                 f'| {s.get("norm_impl", "flax")} | {s["wall_seconds"]:.0f} | {s["heldout_accuracy_mean"]:.3f} | '
                  + (f'{s["whole_bytes"] / 1e6:.1f} MB' if s.get('whole_bytes') else '-')
                  + f' | {s["versions"]["jax"]} |')
   whole = manifest.get('whole_tasks') or []

@@ -104,11 +104,11 @@ def hardware() -> dict:
           'cores': len(os.sched_getaffinity(0)), 'host': platform.node()}
 
 
-def versions(conv_impl: str) -> dict:
+def versions(execution) -> dict:
   import jax
   import jaxlib
   out = {'jax': jax.__version__, 'jaxlib': jaxlib.__version__}
-  if conv_impl.startswith('onednn'):
+  if 'onednn' in (execution.conv_impl[:6], execution.norm_impl):
     from lps_jax.training.onednn import library
     out['onednn'] = library.version()
   return out
@@ -151,7 +151,7 @@ def export(root: str, result: modelset.ModelSet, execution, wall_seconds: float,
   record = {
       'tasks': tasks, 'num_models': len(result), 'config': result.config,
       'execution': dataclasses.asdict(execution), 'hardware': hardware(),
-      'versions': versions(execution.conv_impl), 'wall_seconds': round(float(wall_seconds), 1),
+      'versions': versions(execution), 'wall_seconds': round(float(wall_seconds), 1),
       'command': command, 'record_epochs': RECORD_EPOCHS if early is not None else None,
       'heldout_accuracy_mean': float(np.mean(result.heldout_accuracy)),
       'whole': whole, 'sha256': digests}
@@ -257,7 +257,7 @@ def replay_check(folder: str, data_dir: Optional[str], model: Optional[tuple] = 
   same_rounding = (s.record['hardware']['backend'] == here['backend'] == 'cpu'
                    and s.record['hardware']['cpu_isa'] == here['cpu_isa'])
   return {'slice': folder, 'task': task, 'run': run, 'epochs': epochs,
-          'conv_impl': ex.conv_impl, 'equal': bool(np.array_equal(got, want)),
+          'conv_impl': ex.conv_impl, 'norm_impl': ex.norm_impl, 'equal': bool(np.array_equal(got, want)),
           'max_abs_diff': float(np.abs(got - want).max()),
           'bitwise_expected': same_rounding,
           'recorded_on': s.record['hardware']['cpu'] or s.record['hardware']['device_kind'],
