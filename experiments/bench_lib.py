@@ -123,8 +123,9 @@ def step_cost(tr: trainer.PopulationTrainer) -> dict:
   t = tr.tasks
   single = (jax.tree_util.tree_map(one, host_state), one(host_keys), jnp.asarray(t.train_idx[0]),
             jnp.asarray(t.train_labels[0]), jnp.asarray(_images(tr)), np.int32(0), np.int32(0))
-  # Counted on lax convs: XLA's cost analysis sees no FLOPs inside custom calls (oneDNN).
-  model = dataclasses.replace(tr.model, conv_impl='lax')
+  # Counted on lax convs and Flax's batch norm: XLA's cost analysis sees no FLOPs inside custom
+  # calls (oneDNN).
+  model = dataclasses.replace(tr.model, conv_impl='lax', norm_impl='flax')
   fused = jax.jit(functools.partial(train_step.train_step, model=model, tx=tr.tx,
                                     batch_size=b, stride=b))
   cost = fused.lower(*single).compile().cost_analysis()

@@ -127,7 +127,7 @@ def _available_bytes():
 
 def _describe(size, spec, ex):
   return {'population': size, 'config': spec, 'strategy': ex.strategy, 'conv_impl': ex.conv_impl,
-          'step': ex.step, 'devices': ex.num_devices}
+          'norm_impl': ex.norm_impl, 'step': ex.step, 'devices': ex.num_devices}
 
 
 def _measure_train(size, spec, splits, peak):
@@ -165,7 +165,7 @@ def _measure_train_or_raise(size, ex, splits, peak, row):
            total_seconds=time.perf_counter() - t0)
   mem = r['step_memory_bytes_per_device']
   print(f'{size:>5} {row["config"]:>20} ({ex.strategy}/{ex.conv_impl}/{ex.num_devices}/'
-        f'{ex.step})  {r["images_per_s"]:9.1f} img/s  {r["model_steps_per_s"]:8.3f} model-steps/s  '
+        f'{ex.step}/{ex.norm_impl})  {r["images_per_s"]:9.1f} img/s  {r["model_steps_per_s"]:8.3f} model-steps/s  '
         f'{r["gflops"]:7.1f} GFLOP/s  mem/dev {mem / 2**20 if mem else float("nan"):7.0f} MB  '
         f'(compile+warmup {r["warmup_seconds"]:.1f}s)', flush=True)
   return r
@@ -174,6 +174,7 @@ def _measure_train_or_raise(size, ex, splits, peak, row):
 _TRAIN_COLS = [
     ('population', lambda r: str(r['population'])), ('config', lambda r: r['config']),
     ('strategy', lambda r: r.get('strategy', '-')), ('conv', lambda r: r.get('conv_impl', '-')),
+    ('batch norm', lambda r: r.get('norm_impl', '-')),
     ('devices / step', lambda r: f'{r.get("devices", "-")} / {r.get("step", "-")}'),
     ('images/s', lambda r: f'{r["images_per_s"]:.1f}'),
     ('model-steps/s', lambda r: f'{r["model_steps_per_s"]:.3f}'),
@@ -246,7 +247,8 @@ def torch_suite(peak):
   d = runs['lps-jax default'][0]
   print(f'\n### ResNet-20 training step side by side ({size} models one after another, batch '
         f'{FLAGS.batch_size}, medians of {FLAGS.torch_rounds} interleaved rounds; default = '
-        f'{d["strategy"]}/{d["conv_impl"]}/{d["devices"]} devices/{d["step"]} step)\n')
+        f'{d["strategy"]}/{d["conv_impl"]}/{d["devices"]} devices/{d["step"]} step/'
+        f'{d.get("norm_impl", "flax")} batch norm)\n')
   print('| what | images/s (median) | rounds | % of matmul | lps-jax default / this |')
   print('|---|---|---|---|---|')
   for r in rows:
@@ -263,7 +265,7 @@ def devices_suite(peak):
   size = FLAGS.devices_population
   splits = _splits(size)
   ex = bench_lib.parse_config(FLAGS.devices_config)
-  spec = f'{ex.strategy}/{ex.conv_impl}/{{}}/{ex.step}'
+  spec = f'{ex.strategy}/{ex.conv_impl}/{{}}/{ex.step}/{ex.norm_impl}'
   rows = [_measure_train(size, spec.format(n), splits, peak)
           for n in map(int, FLAGS.device_counts)
           if n <= len(jax.local_devices()) and size % n == 0]

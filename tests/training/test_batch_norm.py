@@ -105,6 +105,7 @@ def test_vmap_over_models_is_the_per_model_call():
       np.testing.assert_array_equal(b[m], s)
 
 
+@pytest.mark.slow
 def test_variables_are_flaxs_and_a_train_step_agrees():
   cfg = resnet.ResNetConfig()
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
