@@ -55,8 +55,12 @@ def test_epoch_batches_cover_every_image_once():
     pytest.param('unroll', 'lax', 2, 'fused', marks=pytest.mark.slow),
     pytest.param('loop', 'onednn', 2, 'split', marks=requires_onednn)])
 def test_population_step_equals_per_model_step(splits, strategy, conv_impl, devices, step):
+  # XLA's convs with Flax's batch norm, oneDNN's with oneDNN's: this width-4 net amplifies
+  # the rounding of XLA's convs around oneDNN's batch norm past the tolerance below (~4e-3 of a
+  # leaf's scale in one step between the fused and split programs).
+  norm = 'onednn' if conv_impl == 'onednn' else 'flax'
   tr = trainer.PopulationTrainer(
-      _config(), ExecutionConfig(strategy, conv_impl, step, 4, devices), *splits)
+      _config(), ExecutionConfig(strategy, conv_impl, step, 4, devices, norm_impl=norm), *splits)
   chunk = tr.chunks()[0]
   _, _, host_keys, (keys, tr_idx, tr_lab, _, _) = tr.chunk_inputs(chunk)
   host_state = tr.initial_state(host_keys)
