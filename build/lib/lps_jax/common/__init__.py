@@ -1,0 +1,2 @@
+"""Shared plumbing: user errors, atomic files, the content-addressed cache, folder locks,
+config field rules."""

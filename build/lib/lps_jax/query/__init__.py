@@ -1,0 +1,1 @@
+"""The query index: which known task a checkpoint is closest to."""
