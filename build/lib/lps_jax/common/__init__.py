@@ -1,2 +1,0 @@
-"""Shared plumbing: user errors, atomic files, the content-addressed cache, folder locks,
-config field rules."""

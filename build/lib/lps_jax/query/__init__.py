@@ -1,1 +1,0 @@
-"""The query index: which known task a checkpoint is closest to."""

@@ -1,1 +1,0 @@
-"""Permutation symmetry as data (Git Re-Basin specs) and the one weight matcher."""

@@ -1,1 +1,0 @@
-"""oneDNN convolutions for XLA:CPU (optional extra): `conv.py` (the op), `build.py` (the build)."""
