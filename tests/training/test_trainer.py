@@ -135,8 +135,9 @@ def _app(workdir_path):
           f'--workdir={workdir_path}']
 
 
-def _run_and_kill(cmd, wd, target, rng, timeout=120):
-  """Starts the app; SIGKILLs it when `target` is being written (or at a random moment).
+def _run_and_kill(cmd, wd, target, rng, timeout=120, keep_chunks=1):
+  """Starts the app; SIGKILLs it when `target` is being written (or at a random moment, but
+  no later than when all but `keep_chunks` chunks are finished, so work is left on any machine).
   Returns (killed?, stderr)."""
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -145,9 +146,14 @@ def _run_and_kill(cmd, wd, target, rng, timeout=120):
               'model set': os.path.join(wd, '.modelset.tmp*')}
   deadline = time.monotonic() + timeout
   at = time.monotonic() + rng.uniform(3, 9) if target == 'random' else None
+  flags = dict(a[2:].split('=') for a in APP if '=' in a)
+  num_chunks = int(flags['num_tasks']) * int(flags['runs_per_task']) // int(flags['models_per_chunk'])
   while proc.poll() is None and time.monotonic() < deadline:
-    if (at is not None and time.monotonic() >= at) or (
-        at is None and glob.glob(patterns[target])):
+    if at is not None:
+      due = time.monotonic() >= at or len(_stamps(wd)) >= num_chunks - keep_chunks
+    else:
+      due = bool(glob.glob(patterns[target]))
+    if due:
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       return True, proc.stderr.read()
@@ -171,9 +177,9 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data_dir, tm
   wd = str(tmp_path / 'killed')
   rng = np.random.default_rng(0)
   kills, finished_before = [], {}
-  # Order matters for a test that cannot flake: the random kill (3-9 s after start, i.e. in
-  # start-up or in the first chunks still to do) comes after the two targeted ones, so at
-  # least one chunk, and so a checkpoint write, is still ahead of the fourth run on any machine.
+  # Order matters for a test that cannot flake: the random kill (3-9 s after start, and before
+  # the last chunk is finished) comes after the two targeted ones, so at least one chunk, and
+  # so a checkpoint write, is still ahead of the fourth run on any machine, however fast.
   for target in ['checkpoint', 'finished chunk', 'random', 'checkpoint', 'model set']:
     killed, err = _run_and_kill(_app(wd), wd, target, rng)
     assert 'Traceback' not in err, err[-3000:]
