@@ -43,18 +43,23 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
   if mode == 'classification' and n and n != 50:
     title += (f' ({n}-way, chance {100 / n:.1f} %; the paper\'s numbers are 50-way, chance '
               '2 %)')
+  timed = all('fit_seconds' in r for runs in res['results'].values() for r in runs)
   lines = _header(title, res['command'], ['method'] + [f'{k} (%)' for k in keys]
-                  + ['paper ' + '/'.join(keys[:3])])
+                  + ['paper ' + '/'.join(keys[:3])] + (['fit (s)'] if timed else []))
   cites = []
   for name, runs in res['results'].items():
     m = methods.REGISTRY.get(name)
     paper = m.paper.get(mode) if m else None
     lines.append(f'| {m.label if m else name} | '
                  + ' | '.join(_mean_std([r[k] for r in runs]) for k in keys) + ' | '
-                 + ('/'.join(f'{p:.1f}' for p in paper) if paper else '-') + ' |')
+                 + ('/'.join(f'{p:.1f}' for p in paper) if paper else '-') + ' |'
+                 + (f' {np.mean([r["fit_seconds"] for r in runs]):.1f} |' if timed else ''))
     if m and m.cite != 'LPS paper, Sec. 5.1':
       cites.append(f'`{name}`: {m.cite}')
   text = '\n'.join(lines) + '\n'
+  if timed:
+    text += ('\nfit (s): mean seconds per split to fit a method on the training models, its '
+             'features included (a cached fit counts as its reading).\n')
   return text + ('\nMethods beyond the paper: ' + '; '.join(cites) + '.\n' if cites else '')
 
 

@@ -172,6 +172,10 @@ def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
   for name in ('lps', 'gram'):
     assert res['results'][name][0]['top-1'] == res['compare']['results'][name][0]['top-1']
   assert 'the same 3 tasks of' in r.stdout
+  # Each split records how long its fit took, and the table shows the mean as a column.
+  assert all(run['fit_seconds'] > 0 for runs in res['results'].values() for run in runs)
+  header = next(l for l in r.stdout.splitlines() if l.startswith('| method'))
+  assert header.endswith('| fit (s) |')
   bad = _run(*(args[:-4] + [f'--modelset={tiny_set}', f'--compare_modelset={part}',
                             '--methods=lps', '--val_per_task=0', '--layer_weights=1']))
   assert bad.returncode != 0 and 'has no models of tasks [3, 4, 5]' in bad.stderr
