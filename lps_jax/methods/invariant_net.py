@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from lps_jax.common import checks as config_checks
 from lps_jax.common.checks import Range, valid
@@ -194,7 +196,7 @@ class InvariantModel:
     self.context_scale = _rms(context, 0)
     xs, context = [x / s for x, s in zip(xs, self.scales)], context / self.context_scale
     labels = jnp.asarray(labels, jnp.int32)
-    self.net = InvariantNet(self.nodes, cfg.hidden, cfg.depth, self.num_classes)
+    batched = self._build()
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), self.split_seed)
     params = jax.jit(self.net.init)(key, [x[0] for x in xs], context[0])
     m = labels.shape[0]
@@ -203,7 +205,6 @@ class InvariantModel:
     tx = optax.adamw(optax.cosine_decay_schedule(cfg.learning_rate, cfg.epochs * steps),
                      weight_decay=cfg.weight_decay)
     opt_state = tx.init(params)
-    batched = jax.vmap(self.net.apply, in_axes=(None, 0, 0))
 
     def loss_fn(p, xb, cb, yb):
       return optax.softmax_cross_entropy_with_integer_labels(batched(p, xb, cb), yb).mean()
@@ -232,7 +233,41 @@ class InvariantModel:
       if progress is not None:
         progress(e + 1, float(loss))
     self.params = params
+
+  def _build(self):
+    """The network of `self.nodes`, and its apply vmapped over models (jitted as `_apply`)."""
+    cfg = self.config
+    self.net = InvariantNet(self.nodes, cfg.hidden, cfg.depth, self.num_classes)
+    batched = jax.vmap(self.net.apply, in_axes=(None, 0, 0))
     self._apply = jax.jit(batched)
+    return batched
+
+  def state(self) -> dict[str, np.ndarray]:
+    """The fitted state as plain arrays (an lps_query index keeps it): the network's
+    parameters, the per-node scales, and which variables make which node."""
+    out = {'net:' + json.dumps(list(k)): np.asarray(v)          # module names hold '/'
+           for k, v in traverse_util.flatten_dict(self.params).items()}
+    out.update({f'scale/{i}': np.asarray(s) for i, s in enumerate(self.scales)})
+    out['context_scale'] = np.asarray(self.context_scale)
+    out['layout'] = np.asarray(json.dumps({
+        'nodes': [dataclasses.asdict(n) for n in self.nodes], 'unpermuted': self.unpermuted,
+        'prefixes': list(self.prefixes)}))
+    return out
+
+  def load_state(self, arrays: dict) -> None:
+    layout = json.loads(str(arrays['layout']))
+    if tuple(layout['prefixes']) != self.prefixes:
+      raise UserError(f'the stored invariant network reads {layout["prefixes"]}, this method '
+                      f'reads {list(self.prefixes)}.')
+    self.nodes = tuple(Node(n['name'], tuple(n['groups']), tuple(n['paths']))
+                       for n in layout['nodes'])
+    self.unpermuted = list(layout['unpermuted'])
+    self.scales = [np.asarray(arrays[f'scale/{i}']) for i in range(len(self.nodes))]
+    self.context_scale = np.asarray(arrays['context_scale'])
+    self.params = traverse_util.unflatten_dict(
+        {tuple(json.loads(k[len('net:'):])): jnp.asarray(v) for k, v in arrays.items()
+         if k.startswith('net:')})
+    self._build()
 
   def logits(self, stack) -> np.ndarray:
     xs, context = self._inputs(stack)

@@ -191,6 +191,7 @@ class NetworkSecondOrder(WholeNetwork):
 @dataclasses.dataclass(frozen=True)
 class Invariant(WholeNetwork):
   """The permutation-invariant weight-space network (`methods.invariant_net`)."""
+  indexable = True
 
   def fit_count(self, base):
     from lps_jax.methods import invariant_net

@@ -1,12 +1,14 @@
 """Whole-network methods (lps_jax.methods.whole_network, lps_jax.methods.invariant_net): exact invariance to the
 permutation spec, agreement with the plain model, and learning beyond chance."""
 import dataclasses
+import io
 
 import jax
 import numpy as np
 import pytest
 
 from lps_jax.align.fit import SecondOrderConfig
+from lps_jax.common.errors import UserError
 from lps_jax.evaluation import protocols
 from lps_jax.methods import invariant_net
 from lps_jax.methods import registry as methods
@@ -119,6 +121,17 @@ def test_invariant_network_is_invariant_reads_other_widths_and_learns():
   assert (z.argmax(1) == task_id[test]).mean() >= 0.5              # chance 0.25
   wide, _ = _stack(1, 2, config=resnet.ResNetConfig((2, 1, 1), (8, 12, 16)))
   assert model.predict(wide).shape == (2, 4)                      # any channel counts
+  # Its fitted state, through an .npz as an lps_query index keeps it, answers the same.
+  buf = io.BytesIO()
+  np.savez(buf, **model.state())
+  buf.seek(0)
+  with np.load(buf) as f:
+    loaded = invariant_net.InvariantModel(config, 4)
+    loaded.load_state({k: f[k] for k in f.files})
+  np.testing.assert_array_equal(loaded.logits(stack.take(test)), z)
+  other = invariant_net.InvariantModel(config, 4, prefixes=('params/',))
+  with pytest.raises(UserError, match='stored invariant network reads'):
+    other.load_state(model.state())
 
 
 def test_probe_logits_are_the_models_outputs_and_a_function_of_the_network():

@@ -202,6 +202,33 @@ def test_a_zoo_of_pytorch_checkpoints_is_indexed_whole_and_answers_unseen_tasks_
     bn.query(bare[5])
 
 
+@pytest.mark.slow
+def test_an_invariant_network_index_round_trips_and_takes_what_it_reads(tmp_path, tiny_set):
+  """The invariant network, kept in an index of a PyTorch zoo (tasks 0-4), answers from its
+  folder exactly as when built; with BatchNorm statistics it refuses a checkpoint without them
+  (naming the indexes that take it), on parameters only it answers that checkpoint."""
+  from lps_jax.align.fit import SecondOrderConfig
+  from lps_jax.query import index, zoo
+  table, files = _tiny_zoo(tmp_path / 'zoo', tiny_set, range(5))
+  _, bare = _tiny_zoo(tmp_path / 'bare', tiny_set, [1], statistics=False)
+  for method in ('wn_invariant', 'wn_invariant_params'):
+    z = zoo.from_table(str(table), str(tmp_path / 'zoo'), method, SecondOrderConfig())
+    built = index.build(z.inputs, z.labels, z.label_of, z.run, z.recipe, z.path, method,
+                        calibration_folds=0)
+    index.save(str(tmp_path / method), built)
+    idx = index.load(str(tmp_path / method))
+    np.testing.assert_array_equal(idx.estimator.predict(z.inputs),
+                                  built.estimator.predict(z.inputs))
+    a, b = idx.query(files[5]), built.query(files[5])
+    assert a['answer'] == b['answer'] and a['labels'] == b['labels']
+    if method == 'wn_invariant':
+      with pytest.raises(index.QueryError, match='BatchNorm running statistics, which this '
+                         'checkpoint does not carry'):
+        idx.query(bare[5])
+    else:
+      assert idx.query(bare[5])['labels'] == a['labels']
+
+
 def test_zoo_tables_are_checked(tmp_path, tiny_set):
   from lps_jax.align.fit import SecondOrderConfig
   from lps_jax.query import zoo
