@@ -34,6 +34,7 @@ from lps_jax.training.onednn.conv import same_padding
 # onednn / onednn_bf16: the same conv as oneDNN custom calls (lps_jax.training.onednn, optional extra).
 _POSITIVE = Range(1, integer=True, nonempty=True)
 CONV_IMPLS = ('lax', 'im2col', 'lax_bf16', 'onednn', 'onednn_bf16')
+PADDINGS = ('same', 'symmetric')   # Conv.padding: Flax's 'SAME', or PyTorch's k // 2 each side
 
 
 def tuples_from_json(d: dict) -> dict:
@@ -107,17 +108,31 @@ def _im2col_conv(x, kernel, stride: int):
 class Conv(nn.Module):
   """Bias-free conv with an HWIO `kernel`: `lax` conv, im2col + matmul (same result),
   `lax_bf16` (inputs and kernel rounded to bfloat16, float32 accumulation and output), or
-  `onednn` / `onednn_bf16` (the same in oneDNN, `threads` OpenMP threads per call)."""
+  `onednn` / `onednn_bf16` (the same in oneDNN, `threads` OpenMP threads per call).
+  `padding`: 'same' (Flax's, what this project trains with: a stride-2 3x3 conv on 32x32 pads
+  (0, 1)) or 'symmetric' (PyTorch's ResNets: k // 2 on each side), to run a mapped PyTorch
+  checkpoint as the function it is (`lax` / `im2col` only)."""
   features: int
   kernel_size: int
   strides: int = 1
   impl: str = 'lax'
   threads: int = 0
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    if self.padding not in PADDINGS:
+      raise UserError(f'unknown conv padding {self.padding!r}; choose from {PADDINGS}.')
+    if self.padding == 'symmetric':
+      if self.impl not in ('lax', 'im2col'):
+        raise UserError(f"padding 'symmetric' runs with conv impl lax or im2col, not "
+                        f'{self.impl!r}.')
+      k = self.kernel_size // 2
+      return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides),
+                                          [(k, k), (k, k)],
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.impl == 'im2col':
       return _im2col_conv(x, kernel, self.strides)
     if self.impl in ('onednn', 'onednn_bf16'):
@@ -137,12 +152,14 @@ class BasicBlock(nn.Module):
   conv_impl: str = 'lax'
   conv_threads: int = 0
   norm_impl: str = 'flax'
+  conv_padding: str = 'same'
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = functools.partial(batch_norm.norm, train=train, impl=self.norm_impl,
                              threads=self.conv_threads)
-    conv = functools.partial(Conv, impl=self.conv_impl, threads=self.conv_threads)
+    conv = functools.partial(Conv, impl=self.conv_impl, threads=self.conv_threads,
+                             padding=self.conv_padding)
     y = conv(self.features, 3, self.strides, name='conv1')(x)
     y = norm(y, name='bn1', relu=True)
     y = conv(self.features, 3, 1, name='conv2')(y)
@@ -158,17 +175,19 @@ class ResNet(nn.Module):
   conv_impl: str = 'lax'
   conv_threads: int = 0   # OpenMP threads per oneDNN call (0 = OpenMP's default)
   norm_impl: str = 'flax'   # batch_norm.NORM_IMPLS
+  conv_padding: str = 'same'   # PADDINGS ('symmetric': a mapped PyTorch checkpoint's function)
 
   @nn.compact
   def __call__(self, x, train: bool = False, features: bool = False):
     cfg = self.config
-    x = Conv(cfg.widths[0], 3, 1, self.conv_impl, self.conv_threads, name='conv1')(x)
+    x = Conv(cfg.widths[0], 3, 1, self.conv_impl, self.conv_threads, self.conv_padding,
+             name='conv1')(x)
     x = batch_norm.norm(x, train, 'bn1', self.norm_impl, self.conv_threads, relu=True)
     for s, (n_blocks, width) in enumerate(zip(cfg.blocks_per_stage, cfg.widths), start=1):
       for b in range(1, n_blocks + 1):
         strides = 2 if (s > 1 and b == 1) else 1
         x = BasicBlock(width, strides, self.conv_impl, self.conv_threads, self.norm_impl,
-                       name=f'stage{s}_block{b}')(x, train)
+                       self.conv_padding, name=f'stage{s}_block{b}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if features:
       return x

@@ -9,10 +9,11 @@ Two sources are recognised (`to_flax`):
   block conv1, bn1, conv2, bn2 and the 1x1 shortcut conv + BN where the shape changes, then
   the FC): conv OIHW -> HWIO, BatchNorm weight / bias -> scale / bias, running_mean / var ->
   mean / var, FC (out, in) -> (in, out). What differs: PyTorch pads a stride-2 3x3 conv
-  symmetrically (1, 1), Flax's 'SAME' pads (0, 1) on 32x32 inputs, so the mapped network's
-  function is not the checkpoint's (the parameters, their symmetry and every weight-space
-  method are unaffected; the functional reference would be); option-A (parameter-free)
-  shortcuts have no counterpart and are refused.
+  symmetrically (1, 1), Flax's 'SAME' pads (0, 1) on 32x32 inputs, so the mapped network
+  computes the checkpoint's function only when run with `resnet.ResNet(conv_padding=
+  'symmetric')` (`zoo.probe.probe_logits(..., padding='symmetric')`; tested against PyTorch);
+  the parameters, their symmetry and every weight-space method are unaffected. Option-A
+  (parameter-free) shortcuts have no counterpart and are refused.
 
 The architecture (widths, blocks per stage, classes) is read off the shapes. BatchNorm running
 statistics are optional: a checkpoint without them maps to parameters only.

@@ -26,11 +26,12 @@ def probe_images(images: np.ndarray, labels: np.ndarray, per_class: int = 2) -> 
   return images[np.concatenate(rows)]
 
 
-def probe_logits(stack: NetworkStack, images: np.ndarray) -> np.ndarray:
+def probe_logits(stack: NetworkStack, images: np.ndarray, padding: str = 'same') -> np.ndarray:
   """(M, N * classes): each model's logits on the N uint8 probe images, flattened. The
-  functional reference: what the models compute, not how their weights look."""
+  functional reference: what the models compute, not how their weights look. `padding`:
+  'symmetric' runs mapped PyTorch checkpoints as the functions they are (`resnet.Conv`)."""
   stack = modelset.require_stack(stack, 'the functional probe')
-  model = resnet.ResNet(resnet.ResNetConfig.from_dict(stack.model))
+  model = resnet.ResNet(resnet.ResNetConfig.from_dict(stack.model), conv_padding=padding)
   forward = jax.jit(lambda v, x: model.apply(v, data_lib.normalize(x), train=False))
   out = []
   for flat in stack.model_flats():

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lps_jax.common.errors import UserError
 from lps_jax.training import resnet
 
 
@@ -57,3 +58,36 @@ def test_im2col_equals_lax_conv():
   assert c.dtype == jnp.float32
   assert not np.allclose(a, c, rtol=0, atol=1e-7)
   np.testing.assert_allclose(a, c, rtol=0.05, atol=0.05)
+
+
+def _numpy_conv(x, kernel, stride, pad):
+  """Plain numpy NHWC x HWIO conv, `pad` zeros on each side."""
+  kh, kw = kernel.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
+  for i in range(ho):
+    for j in range(wo):
+      win = xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+      out[:, i, j] = np.einsum('nhwc,hwco->no', win, kernel)
+  return out
+
+
+@pytest.mark.parametrize('size,stride', [(3, 1), (3, 2), (1, 2)])
+def test_symmetric_padding_is_pytorchs_and_differs_from_same_only_at_stride_2(size, stride):
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3)), np.float64)
+  conv = resnet.Conv(5, size, stride, padding='symmetric')
+  v = conv.init(jax.random.PRNGKey(1), jnp.asarray(x, jnp.float32))
+  got = conv.apply(v, jnp.asarray(x, jnp.float32))
+  want = _numpy_conv(x, np.asarray(v['params']['kernel'], np.float64), stride, size // 2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  same = resnet.Conv(5, size, stride).apply(v, jnp.asarray(x, jnp.float32))
+  assert np.allclose(same, got, atol=1e-6) == (size == 1 or stride == 1)
+
+
+def test_padding_is_checked():
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(UserError, match="unknown conv padding 'valid'"):
+    resnet.Conv(4, 3, padding='valid').init(jax.random.PRNGKey(0), x)
+  with pytest.raises(UserError, match="padding 'symmetric' runs with conv impl lax"):
+    resnet.Conv(4, 3, impl='onednn', padding='symmetric').init(jax.random.PRNGKey(0), x)

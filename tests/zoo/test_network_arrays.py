@@ -72,3 +72,34 @@ def test_what_does_not_fit_is_refused_in_one_line():
     network_arrays.to_flax(bad, 'c.pt')
   with pytest.raises(network_arrays.NetworkError, match='no params/dense/kernel'):
     network_arrays.to_flax({'conv1/kernel': np.zeros((3, 3, 3, 4), np.float32)}, 'd.npz')
+
+
+def test_a_mapped_pytorch_model_computes_what_pytorch_computes_with_symmetric_padding(tmp_path):
+  """The functional reference can run a PyTorch checkpoint: mapped onto the Flax ResNet and run
+  with PyTorch's symmetric padding, its logits on uint8 images are PyTorch's own; with Flax's
+  'SAME' (stride-2 convs pad (0, 1)) they are not."""
+  torch = pytest.importorskip('torch')
+  from experiments import torch_reference
+  from lps_jax.zoo import probe
+  torch.manual_seed(0)
+  net = torch_reference.ResNet20(CONFIG.widths, CONFIG.blocks_per_stage, CONFIG.num_classes)
+  with torch.no_grad():   # non-trivial running statistics, so eval mode reads them
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.normal_()
+  net.eval()
+  torch.save(net.state_dict(), tmp_path / 'net.pt')
+  flat, config = network_arrays.to_flax(checkpoints.read_arrays(str(tmp_path / 'net.pt')), 'net')
+  assert config == CONFIG
+  images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+  x = (torch.from_numpy(images).float() / 255 - torch.tensor(torch_reference.MEAN)) / torch.tensor(
+      torch_reference.STD)
+  with torch.no_grad():
+    want = net(x.permute(0, 3, 1, 2)).numpy().reshape(-1)
+  stack = network_arrays.stack([flat], config)
+  got = probe.probe_logits(stack, images, padding='symmetric')[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  same = probe.probe_logits(stack, images)[0]
+  assert not np.allclose(same, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
