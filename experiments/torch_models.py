@@ -3,10 +3,15 @@
 
   python -m experiments.torch_models --tasks=0,5,10,15,20,25,30,35,40,45 --runs=1 \
       --out=runs/torch_models
+  python -m experiments.torch_models --recipe=paper --tasks=12,16,20,24,28 --out=runs/torch_paper
 
-Same tasks, data and recipe as modelset_cpu.flags (batch 10, 3 epochs, lr 0.05 /10 after
-epoch 2, SGD 0.9, wd 1e-4, pad-4 crop + flip); only the framework and the init differ (PyTorch
-kaiming_uniform(a=sqrt(5)) convs, vs this project's He-normal fan-out). Needs torch (optional).
+Same data as our sets; `--recipe` picks the training: `yardstick` as modelset_cpu.flags (batch
+10, 3 epochs, lr 0.05 /10 after epoch 2, the last partial batch dropped), `paper` as
+modelset500.flags (batch 128, 160 epochs, lr 0.1 /10 after epochs 80 and 120, the last partial
+batch kept); both SGD 0.9, wd 1e-4, pad-4 crop + flip. Only the framework and the init differ
+(PyTorch kaiming_uniform(a=sqrt(5)) convs, vs this project's He-normal fan-out); models.json
+records each model's task, run, recipe and held-out accuracy. Resumable: finished models are
+kept. Needs torch (optional).
 """
 import argparse
 import json
@@ -16,6 +21,11 @@ import time
 import numpy as np
 
 from lps_jax.common import files
+
+RECIPES = {   # as experiments/flags/modelset_cpu.flags and modelset500.flags train
+    'yardstick': dict(batch_size=10, epochs=3, lr=0.05, decay_epochs=(2,), drop_last=True),
+    'paper': dict(batch_size=128, epochs=160, lr=0.1, decay_epochs=(80, 120), drop_last=False),
+}
 
 
 def train_one(task, run, train, test, tasks_split, args):
@@ -30,16 +40,18 @@ def train_one(task, run, train, test, tasks_split, args):
   labels = torch.from_numpy(np.zeros(len(train.images), np.int64))
   labels[tasks_split.train_idx[row]] = torch.from_numpy(tasks_split.train_labels[row].astype(np.int64))
   rows = torch.from_numpy(tasks_split.train_idx[row].astype(np.int64))
+  recipe = RECIPES[args.recipe]
   net = ResNet20()
-  opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-  steps = len(rows) // args.batch_size
-  sched = torch.optim.lr_scheduler.MultiStepLR(opt, [args.decay_epoch * steps], 0.1)
+  opt = torch.optim.SGD(net.parameters(), lr=recipe['lr'], momentum=0.9, weight_decay=1e-4)
+  bs = recipe['batch_size']
+  steps = len(rows) // bs if recipe['drop_last'] else -(-len(rows) // bs)
+  sched = torch.optim.lr_scheduler.MultiStepLR(opt, [e * steps for e in recipe['decay_epochs']],
+                                               0.1)
   net.train()
-  for _ in range(args.epochs):
+  for _ in range(recipe['epochs']):
     perm = rows[torch.randperm(len(rows), generator=gen)]
     for s in range(steps):
-      x, y = augmented_batch(images, labels, perm[s * args.batch_size:(s + 1) * args.batch_size],
-                             gen, False)
+      x, y = augmented_batch(images, labels, perm[s * bs:(s + 1) * bs], gen, False)
       opt.zero_grad(set_to_none=True)
       F.cross_entropy(net(x), y).backward()
       opt.step()
@@ -57,10 +69,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--tasks', default='0,5,10,15,20,25,30,35,40,45')
   p.add_argument('--runs', type=int, default=1)
-  p.add_argument('--epochs', type=int, default=3)
-  p.add_argument('--decay_epoch', type=int, default=2)
-  p.add_argument('--batch_size', type=int, default=10)
-  p.add_argument('--lr', type=float, default=0.05)
+  p.add_argument('--recipe', choices=sorted(RECIPES), default='yardstick')
   p.add_argument('--data_dir', default=None, help='default $LPS_DATA_DIR')
   p.add_argument('--out', default='runs/torch_models')
   a = p.parse_args()
@@ -80,11 +89,15 @@ def main():
     for run in range(a.runs):
       name = f'task{task:02d}_run{run}.pt'
       if name in meta:   # resumable: finished models are kept
+        if meta[name].get('recipe', 'yardstick') != a.recipe:
+          raise SystemExit(f'error: {a.out} holds {name} trained with recipe '
+                           f'{meta[name].get("recipe", "yardstick")!r}; use another --out for '
+                           f'{a.recipe!r}.')
         continue
       t0 = time.time()
       state, acc = train_one(task, run, train, test, split, a)
       torch.save(state, os.path.join(a.out, name))
-      meta[name] = {'task': task, 'run': run, 'heldout_accuracy': acc,
+      meta[name] = {'task': task, 'run': run, 'recipe': a.recipe, 'heldout_accuracy': acc,
                     'seconds': time.time() - t0}
       files.write_json(meta_path, meta)
       print(f'{name}: held-out accuracy {acc:.3f} ({time.time() - t0:.0f} s)', flush=True)

@@ -74,6 +74,7 @@ STRINGS = {   # flag: [(bad value, extra arguments)]
     'query_eval': {
         'modelset': [(MISSING, [])],
         'foreign': [(MISSING, []), (A_DIR, [])],
+        'data_dir': [(MISSING, []), (A_FILE, [])],
         'out': [(A_FILE, [])]},
     'open_set_eval': {
         'modelset': [(MISSING, [])],
