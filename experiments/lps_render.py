@@ -64,7 +64,8 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
 
 
 BRANCH_METHODS = {'lps': "LPS (Eq. 5-8, the paper's)",
-                  'wn_branch': 'whole-network aligned, Frobenius + FC by index'}
+                  'wn_branch': 'whole-network aligned, Frobenius + FC by index',
+                  'chain_depth': 'chained-Gram kernel of that depth + kernel LR'}
 
 
 def render_branches(res: dict, results_dir: Optional[str]) -> str:

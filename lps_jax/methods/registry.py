@@ -113,6 +113,25 @@ class ChainKernel(Method):
 
 
 @dataclasses.dataclass(frozen=True)
+class ChainDepth(ChainKernel):
+  """The chained-Gram kernel of one depth alone, the deepest layer the run's layer_weights
+  reach (Fig. 3b: branch l reads depth l, every link of the chain up to it)."""
+  indexable = False
+
+  @staticmethod
+  def depth(base) -> int:
+    return max(i for i, w in enumerate(base.layer_weights) if w > 0) + 1
+
+  def active_layers(self, base):
+    return tuple(range(self.depth(base)))
+
+  def build(self, base, num_classes, cache=None):
+    from lps_jax.methods import chain_kernel
+    d = self.depth(base)
+    return chain_kernel.ChainKernel(num_classes, d, depths=(d,), fold=self.fold)
+
+
+@dataclasses.dataclass(frozen=True)
 class Averaged(Method):
   """An ensemble of registered methods, their probabilities averaged."""
   members: tuple = ()
@@ -274,6 +293,8 @@ REGISTRY = {m.name: m for m in [
     ChainKernel('chain_kernel_bn', 'chained-Gram kernel, all 19 layers, BN scale / running std '
                 'folded + kernel LR', _CHAIN + ' (with BatchNorm running statistics)',
                 whole=True, fold='gamma_sigma'),
+    ChainDepth('chain_depth', 'chained-Gram kernel of one depth (the branch\'s) + kernel LR',
+               _CHAIN),
     # Whole networks (every layer; the model set folder): aligned by weight matching first
     # where `aligned`, then read (lps_jax.methods.whole_network).
     NetworkProbe('wn_probe', 'whole-network weight matching + linear probe (all weights, BN, FC)',

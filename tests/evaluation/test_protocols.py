@@ -199,14 +199,15 @@ def test_table1_whole_network_methods_and_the_functional_reference(tiny_set, tmp
 
 @pytest.mark.slow
 def test_branches_with_and_without_whole_network_alignment(tiny_set, tmp_path):
-  _ok(_run('--mode=branches', '--branches=1,4', '--branch_methods=lps,wn_branch',
+  _ok(_run('--mode=branches', '--branches=1,4', '--branch_methods=lps,wn_branch,chain_depth',
            *_common(tiny_set, tmp_path, 'bw')))
   res = json.load(open(tmp_path / 'bw' / 'results.json'))
-  assert list(res['results']) == ['lps', 'wn_branch']
+  assert list(res['results']) == ['lps', 'wn_branch', 'chain_depth']
   for per in res['results'].values():
     assert list(per) == ['1', '4']
     for runs in per.values():
       _accuracies_in_range(runs[0])
   text = open(tmp_path / 'bw' / 'results.md').read()
   assert 'lps top-1 (%)' in text and 'wn_branch top-1 (%)' in text
+  assert 'chain_depth top-1 (%)' in text
   assert os.path.getsize(tmp_path / 'bw' / 'fig3b_branches.png') > 1000
