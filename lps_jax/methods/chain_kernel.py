@@ -192,6 +192,9 @@ class ChainKernel:
     k = combined(depth_kernels(w, w), self.train_diag, self.train_diag, self.depths)
     vals, vecs = np.linalg.eigh((k + k.T) / 2)
     keep = vals > 1e-10 * vals.max()
+    if not np.isfinite(vals).all() or not keep.any():
+      raise UserError(f'the chained-Gram kernel of depths {self.depths} is zero or not finite on '
+                      'these models (a deep chain underflows float32); choose shallower depths.')
     self.projection = vecs[:, keep] / np.sqrt(vals[keep])      # Nystroem: phi(x) = k(x, T) P
     x, labels = k @ self.projection, np.asarray(labels)
     self.chosen_C = self.C if self.C is not None else _cross_validated_c(x, labels)

@@ -64,3 +64,11 @@ def test_a_layer_scaled_by_1e20_changes_nothing_and_overflows_nothing():
   raw = chain_kernel.self_kernels(chain_kernel.chain_weights(scaled))
   assert not np.all(np.isfinite(raw)) or raw.max() == 0         # what the raw Grams would do
   np.testing.assert_allclose(est.predict(scaled), est.predict(stack), rtol=1e-4, atol=1e-6)
+
+
+def test_a_kernel_that_vanishes_is_a_clear_error_not_an_empty_regression():
+  from lps_jax.common.errors import UserError
+  from lps_jax.methods import chain_kernel
+  zeros = [np.zeros((4, 3, 3, 3, 4), np.float32), np.zeros((4, 3, 3, 4, 4), np.float32)]
+  with pytest.raises(UserError, match='is zero or not finite on these models'):
+    chain_kernel.ChainKernel(2, 2).fit(zeros, np.array([0, 0, 1, 1]))
