@@ -13,7 +13,8 @@ M_k = sum_s W_ki[s]^T M_{k-1} W_kj[s]. ResNet-20's main path (conv1, then each b
 and conv2 in `resnet.conv_layer_names` order) is such a chain: each link shares one channel
 group of `resnet.permutation_spec` (the residual stream between blocks, a block's inner
 channels within it), so every depth is exactly invariant to the whole symmetry. ~30 MFLOP per
-pair of models for all 19 layers; pairs are vmapped in blocks.
+pair of models for all 19 layers; pairs are vmapped in blocks. ||M_k|| falls ~50-fold per layer,
+so M_k is carried at unit norm with its scale as a log (float32 would reach zero by depth ~12).
 
 BatchNorm's scale can be folded into each conv's output channels (it permutes with them):
 gamma (parameters only) or gamma / sqrt(var + eps) (with the running statistics). Each depth's
@@ -81,12 +82,18 @@ def chain_weights(inputs, num_layers: Optional[int] = None, fold: str = 'none') 
 
 
 def _pair(wa: Sequence[jax.Array], wb: Sequence[jax.Array]) -> jax.Array:
-  """(L,) K_k of one pair of models for depths 1..L."""
+  """(L,) log K_k of one pair of models for depths 1..L. M_k shrinks ~50-fold per layer on
+  trained ResNets (K_15 < 1e-45, float32's smallest, for every pair), so each M_k is carried at
+  unit norm and its scale as a log: exact for every depth."""
   m = jnp.einsum('tdp,tdq->pq', wa[0], wb[0])
-  out = [jnp.sum(m * m)]
-  for a, b in zip(wa[1:], wb[1:]):
-    m = jnp.einsum('sip,ij,sjq->pq', a, m, b)
-    out.append(jnp.sum(m * m))
+  out, log_scale = [], 0.0
+  for l in range(len(wa)):
+    if l:
+      m = jnp.einsum('sip,ij,sjq->pq', wa[l], m, wb[l])
+    norm = jnp.sqrt(jnp.sum(m * m))                    # m has unit norm: no underflow here
+    out.append(2 * (log_scale + jnp.log(norm)))        # log ||M_k||^2 (-inf where M_k = 0)
+    m = m / jnp.where(norm > 0, norm, 1.0)
+    log_scale = log_scale + jnp.log(norm)
   return jnp.stack(out)
 
 
@@ -104,8 +111,8 @@ def _rows(ws, rows):
   return [jnp.asarray(w[rows]) for w in ws]
 
 
-def depth_kernels(wa: list, wb: list) -> np.ndarray:
-  """(A, B, L) K_k between every model of `wa` and of `wb` (chain weights), in blocks."""
+def log_depth_kernels(wa: list, wb: list) -> np.ndarray:
+  """(A, B, L) log K_k between every model of `wa` and of `wb` (chain weights), in blocks."""
   na, nb = len(wa[0]), len(wb[0])
   out = np.zeros((na, nb, len(wa)), np.float64)
   side = min(BLOCK, 1 << (na - 1).bit_length())    # a few queries: a thin block, not 16 rows
@@ -119,19 +126,22 @@ def depth_kernels(wa: list, wb: list) -> np.ndarray:
   return out
 
 
-def self_kernels(w: list) -> np.ndarray:
-  """(M, L) K_k(i, i)."""
+def log_self_kernels(w: list) -> np.ndarray:
+  """(M, L) log K_k(i, i)."""
   return np.concatenate([np.asarray(_diagonal(_rows(w, np.arange(i, min(i + BLOCK, len(w[0]))))))
-                         for i in range(0, len(w[0]), BLOCK)])
+                         for i in range(0, len(w[0]), BLOCK)]).astype(np.float64)
 
 
-def combined(k: np.ndarray, diag_a: np.ndarray, diag_b: np.ndarray,
+def combined(log_k: np.ndarray, log_diag_a: np.ndarray, log_diag_b: np.ndarray,
              depths: Sequence[int]) -> np.ndarray:
-  """The mean over `depths` (1-based) of the cosine-normalised depth kernels, (A, B)."""
+  """The mean over `depths` (1-based) of the cosine-normalised depth kernels, (A, B), from the
+  log kernels; a model whose chain vanishes at a depth is at cosine 0 from every model there."""
   sel = np.asarray(depths) - 1
-  norm = (np.sqrt(np.asarray(diag_a, np.float64))[:, None, sel]     # no float32 overflow
-          * np.sqrt(np.asarray(diag_b, np.float64))[None, :, sel])
-  return np.mean(k[:, :, sel] / np.maximum(norm, 1e-30), axis=-1)
+  log_norm = 0.5 * (np.asarray(log_diag_a, np.float64)[:, None, sel]
+                    + np.asarray(log_diag_b, np.float64)[None, :, sel])
+  with np.errstate(invalid='ignore'):
+    cos = np.exp(log_k[:, :, sel] - log_norm)
+  return np.mean(np.where(np.isfinite(log_norm), cos, 0.0), axis=-1)
 
 
 C_GRID = (0.1, 1.0, 10.0, 100.0)
@@ -173,7 +183,8 @@ class ChainKernel:
     return out
 
   def _features(self, w) -> np.ndarray:
-    k = combined(depth_kernels(w, self.train), self_kernels(w), self.train_diag, self.depths)
+    k = combined(log_depth_kernels(w, self.train), log_self_kernels(w), self.train_log_diag,
+                 self.depths)
     return k @ self.projection
 
   def _query_features(self, inputs) -> np.ndarray:
@@ -188,13 +199,13 @@ class ChainKernel:
     self.depths = self.depths or tuple(range(1, len(w) + 1))
     if max(self.depths) > len(w):
       raise UserError(f'depths {self.depths} need {max(self.depths)} conv layers; {len(w)} read.')
-    self.train, self.train_diag, self._last = w, self_kernels(w), None
-    k = combined(depth_kernels(w, w), self.train_diag, self.train_diag, self.depths)
+    self.train, self.train_log_diag, self._last = w, log_self_kernels(w), None
+    k = combined(log_depth_kernels(w, w), self.train_log_diag, self.train_log_diag, self.depths)
     vals, vecs = np.linalg.eigh((k + k.T) / 2)
     keep = vals > 1e-10 * vals.max()
     if not np.isfinite(vals).all() or not keep.any():
       raise UserError(f'the chained-Gram kernel of depths {self.depths} is zero or not finite on '
-                      'these models (a deep chain underflows float32); choose shallower depths.')
+                      'these models (all-zero or non-finite conv kernels?); check the weights.')
     self.projection = vecs[:, keep] / np.sqrt(vals[keep])      # Nystroem: phi(x) = k(x, T) P
     x, labels = k @ self.projection, np.asarray(labels)
     self.chosen_C = self.C if self.C is not None else _cross_validated_c(x, labels)
@@ -214,7 +225,7 @@ class ChainKernel:
   # -- serialisation (lps_query's index): the training models' chain weights and the regression
   def state(self) -> dict[str, np.ndarray]:
     out = {f'train/{l}': np.asarray(w) for l, w in enumerate(self.train)}
-    out.update(train_diag=self.train_diag, projection=self.projection, coef=self.coef,
+    out.update(train_log_diag=self.train_log_diag, projection=self.projection, coef=self.coef,
                intercept=self.intercept, depths=np.asarray(self.depths),
                chosen_C=np.asarray(self.chosen_C))
     return out
@@ -222,6 +233,6 @@ class ChainKernel:
   def load_state(self, arrays: dict) -> None:
     layers = sorted(int(k.split('/')[1]) for k in arrays if k.startswith('train/'))
     self.train, self._last = [np.asarray(arrays[f'train/{l}']) for l in layers], None
-    self.train_diag, self.projection = arrays['train_diag'], arrays['projection']
+    self.train_log_diag, self.projection = arrays['train_log_diag'], arrays['projection']
     self.coef, self.intercept = arrays['coef'], arrays['intercept']
     self.depths, self.chosen_C = tuple(int(d) for d in arrays['depths']), float(arrays['chosen_C'])

@@ -30,7 +30,7 @@ from lps_jax.query import open_set
 from lps_jax.query.checkpoint_inputs import Needs, QueryError
 from lps_jax.training import resnet
 
-FORMAT = 2
+FORMAT = 3
 
 
 def method_names() -> list[str]:

@@ -17,12 +17,38 @@ from test_whole_network import TINY, _stack
 def test_depth_kernels_equal_the_explicit_chained_grams():
   stack, _ = _stack(2, 2, config=resnet.ResNetConfig((1, 1, 1), (4, 6, 8)))
   w = chain_kernel.chain_weights(stack.kernels)
-  got = chain_kernel.depth_kernels(w, w)
+  got = np.exp(chain_kernel.log_depth_kernels(w, w))
   grams = authors_chain.chain_grams(stack.kernels, (1, 2, 3))
   for d, g in enumerate(grams):
     np.testing.assert_allclose(got[:, :, d], g.astype(np.float64) @ g.T, rtol=2e-5)
-  np.testing.assert_allclose(chain_kernel.self_kernels(w), np.stack([got[i, i] for i in range(4)]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.exp(chain_kernel.log_self_kernels(w)),
+                             np.stack([got[i, i] for i in range(4)]), rtol=1e-5)
+
+
+def _numpy_log_kernels(wa, wb):
+  """log ||M_k||^2 by the plain recursion in float64 (whose range holds every depth)."""
+  m, out = wa[0][0].T.astype(np.float64) @ wb[0][0], []
+  for l in range(len(wa)):
+    if l:
+      m = sum(wa[l][s].T.astype(np.float64) @ m @ wb[l][s] for s in range(len(wa[l])))
+    out.append(np.log(np.sum(m * m)))
+  return np.array(out)
+
+
+def test_every_depth_of_resnet20_is_exact_where_float32_would_underflow():
+  """Unit-norm layers shrink M_k ~50-fold per layer: the float32 recursion reaches zero by
+  depth ~12 (K < 1e-45); the log-scaled one agrees with float64 numpy at all 19 depths."""
+  stack, _ = _stack(1, 2, config=resnet.ResNetConfig())
+  w = chain_kernel.ChainKernel(1)._weights(stack)
+  got = chain_kernel.log_depth_kernels(w, w)
+  assert got.shape == (2, 2, 19)
+  want = _numpy_log_kernels([x[0] for x in w], [x[1] for x in w])
+  assert want[-1] < np.log(1e-45)                     # below float32's smallest number
+  np.testing.assert_allclose(got[0, 1], want, rtol=1e-4)
+  np.testing.assert_allclose(got[1, 0], got[0, 1], rtol=1e-5)
+  cos = chain_kernel.combined(got, np.diagonal(got).T, np.diagonal(got).T, [19])
+  np.testing.assert_allclose(np.diagonal(cos), 1.0, rtol=1e-5)
+  assert 0 < cos[0, 1] < 1
 
 
 @pytest.mark.parametrize('fold', ['none', 'gamma', 'gamma_sigma'])
@@ -33,9 +59,9 @@ def test_every_depth_is_invariant_to_the_whole_symmetry(fold):
                              for f in stack.model_flats()])
   inputs = (stack, permuted) if fold != 'none' else (stack.kernels, permuted.kernels)
   a, b = (chain_kernel.chain_weights(x, fold=fold) for x in inputs)
-  k, kp = chain_kernel.depth_kernels(a, a), chain_kernel.depth_kernels(b, a)
+  k, kp = chain_kernel.log_depth_kernels(a, a), chain_kernel.log_depth_kernels(b, a)
   assert k.shape[-1] == len(resnet.conv_layer_names(TINY))
-  np.testing.assert_allclose(kp, k, rtol=2e-5, atol=0)
+  np.testing.assert_allclose(kp, k, rtol=1e-5, atol=1e-4)     # log kernels
   assert not np.allclose(permuted.kernels[2], stack.kernels[2])   # the weights did move
 
 
@@ -61,8 +87,8 @@ def test_a_layer_scaled_by_1e20_changes_nothing_and_overflows_nothing():
   arrays = [np.asarray(a) * np.float32(1e20 if l % 2 else 1e-20) if l < stack.num_conv else a
             for l, a in enumerate(stack.arrays)]
   scaled = dataclasses.replace(stack, arrays=arrays)
-  raw = chain_kernel.self_kernels(chain_kernel.chain_weights(scaled))
-  assert not np.all(np.isfinite(raw)) or raw.max() == 0         # what the raw Grams would do
+  raw = chain_kernel.log_self_kernels(chain_kernel.chain_weights(scaled))
+  assert not np.all(np.isfinite(raw))                           # what the raw Grams would do
   np.testing.assert_allclose(est.predict(scaled), est.predict(stack), rtol=1e-4, atol=1e-6)
 
 
