@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from lps_jax.common import cache as cache_lib
 from lps_jax.common.errors import UserError
 from lps_jax.methods import probes
 from lps_jax.training import modelset, resnet
@@ -167,10 +168,10 @@ class ChainKernel:
 
   def __init__(self, num_classes: int, num_layers: Optional[int] = None,
                depths: Optional[Sequence[int]] = None, fold: str = 'none',
-               C: Optional[float] = None):
+               C: Optional[float] = None, cache: Optional[cache_lib.Cache] = None):
     self.num_classes, self.num_layers, self.fold, self.C = num_classes, num_layers, fold, C
     self.depths = tuple(depths) if depths else None
-    self.train, self._last = None, None
+    self.train, self._last, self.cache = None, None, cache
 
   def _weights(self, inputs):
     """Chain weights, each model's layers scaled to unit norm: the cosine-normalised kernel
@@ -182,10 +183,19 @@ class ChainKernel:
       out.append((w / np.maximum(norm, 1e-300)[:, None, None, None]).astype(np.float32))
     return out
 
+  def _log_kernels(self, wa: list, wb: list) -> dict:
+    """{'cross': (A, B, L), 'self': (A, L)} log kernels of every depth the weights reach;
+    with a cache, once per pair of weight sets (Fig. 3b's branches 1..L share one computation)."""
+    compute = lambda: {'cross': log_depth_kernels(wa, wb), 'self': log_self_kernels(wa)}
+    if self.cache is None:
+      return compute()
+    key = {'chain_log_kernels': 2, 'a': cache_lib.fingerprint(*wa),
+           'b': cache_lib.fingerprint(*wb)}
+    return self.cache.arrays(key, compute)
+
   def _features(self, w) -> np.ndarray:
-    k = combined(log_depth_kernels(w, self.train), log_self_kernels(w), self.train_log_diag,
-                 self.depths)
-    return k @ self.projection
+    k = self._log_kernels(w, self.train)
+    return combined(k['cross'], k['self'], self.train_log_diag, self.depths) @ self.projection
 
   def _query_features(self, inputs) -> np.ndarray:
     """`_features` of `inputs`, kept for the next call on the same object (predict, then
@@ -199,8 +209,9 @@ class ChainKernel:
     self.depths = self.depths or tuple(range(1, len(w) + 1))
     if max(self.depths) > len(w):
       raise UserError(f'depths {self.depths} need {max(self.depths)} conv layers; {len(w)} read.')
-    self.train, self.train_log_diag, self._last = w, log_self_kernels(w), None
-    k = combined(log_depth_kernels(w, w), self.train_log_diag, self.train_log_diag, self.depths)
+    logs = self._log_kernels(w, w)
+    self.train, self.train_log_diag, self._last = w, logs['self'], None
+    k = combined(logs['cross'], self.train_log_diag, self.train_log_diag, self.depths)
     vals, vecs = np.linalg.eigh((k + k.T) / 2)
     keep = vals > 1e-10 * vals.max()
     if not np.isfinite(vals).all() or not keep.any():

@@ -109,13 +109,14 @@ class ChainKernel(Method):
 
   def build(self, base, num_classes, cache=None):
     from lps_jax.methods import chain_kernel
-    return chain_kernel.ChainKernel(num_classes, self.chain_layers, fold=self.fold)
+    return chain_kernel.ChainKernel(num_classes, self.chain_layers, fold=self.fold, cache=cache)
 
 
 @dataclasses.dataclass(frozen=True)
 class ChainDepth(ChainKernel):
   """The chained-Gram kernel of one depth alone, the deepest layer the run's layer_weights
-  reach (Fig. 3b: branch l reads depth l, every link of the chain up to it)."""
+  reach (Fig. 3b: branch l reads depth l, every link of the chain up to it). The kernels of
+  every depth the inputs hold are computed once per split and kept in the cache."""
   indexable = False
 
   @staticmethod
@@ -128,7 +129,7 @@ class ChainDepth(ChainKernel):
   def build(self, base, num_classes, cache=None):
     from lps_jax.methods import chain_kernel
     d = self.depth(base)
-    return chain_kernel.ChainKernel(num_classes, d, depths=(d,), fold=self.fold)
+    return chain_kernel.ChainKernel(num_classes, None, depths=(d,), fold=self.fold, cache=cache)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,3 +98,28 @@ def test_a_kernel_that_vanishes_is_a_clear_error_not_an_empty_regression():
   zeros = [np.zeros((4, 3, 3, 3, 4), np.float32), np.zeros((4, 3, 3, 4, 4), np.float32)]
   with pytest.raises(UserError, match='is zero or not finite on these models'):
     chain_kernel.ChainKernel(2, 2).fit(zeros, np.array([0, 0, 1, 1]))
+
+
+def test_chain_depth_branches_share_one_cached_kernel_computation(tmp_path, monkeypatch):
+  """Fig. 3b: each branch's chain_depth reads one depth; with a cache the kernels of every
+  depth are computed once per split and every branch answers as it would uncached."""
+  from lps_jax.common import cache as cache_lib
+  stack, task_id = _stack(3, 4, config=TINY, signal=1.0)
+  kernels, depths = stack.kernels, len(stack.kernels)
+  train = np.arange(len(task_id)) % 4 != 0
+  tr, te = [k[train] for k in kernels], [k[~train] for k in kernels]
+  cache = cache_lib.Cache(str(tmp_path))
+  plain = {}
+  for d in (depths, 1):
+    est = chain_kernel.ChainKernel(3, None, depths=(d,), C=1.0)
+    est.fit(tr, task_id[train])
+    plain[d] = est.predict(te)
+  calls = []
+  real = chain_kernel.log_depth_kernels
+  monkeypatch.setattr(chain_kernel, 'log_depth_kernels', lambda a, b: calls.append(1) or real(a, b))
+  for d in (depths, 1):
+    base = SecondOrderConfig(layer_weights=(0.0,) * (d - 1) + (1.0,))
+    est = methods.get('chain_depth').estimator(base, 3, cache)
+    est.fit(tr, task_id[train])
+    np.testing.assert_allclose(est.predict(te), plain[d], rtol=1e-6, atol=1e-9)
+  assert len(calls) == 2           # train x train and test x train, once for both depths
