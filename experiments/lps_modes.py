@@ -247,9 +247,11 @@ def _branches_from_file(path: str, branches: Optional[list[int]]):
   return kernels[:max(branches)], task_id, None, branches
 
 
-def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None) -> np.ndarray:
+def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=None,
+                       padding: str = 'same') -> np.ndarray:
   """The functional reference's features: every model's logits on 2 test-split images per
-  class (`zoo.probe.probe_logits`), kept in `cache`."""
+  class (`zoo.probe.probe_logits`; `padding` 'symmetric' runs PyTorch checkpoints as PyTorch
+  does), kept in `cache`."""
   from lps_jax.common import cache as cache_lib
   from lps_jax.zoo import probe as probe_lib
   split = images()
@@ -257,12 +259,14 @@ def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=Non
   def compute():
     logging.info('functional reference: %d models on %d probe images', stack.num_models,
                  len(probe))
-    return {'logits': probe_lib.probe_logits(stack, probe)}
+    return {'logits': probe_lib.probe_logits(stack, probe, padding=padding)}
 
   if cache is None:
     return compute()['logits']
   key = {'kind': 'probe_logits', 'images': cache_lib.fingerprint(probe),
          'models': cache_lib.fingerprint(*stack.arrays)}
+  if padding != 'same':
+    key['padding'] = padding
   return cache.arrays(key, compute)['logits']
 
 

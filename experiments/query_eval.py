@@ -36,7 +36,6 @@ from lps_jax.query import zoo as zoo_lib
 from lps_jax.training import modelset
 from lps_jax.zoo import foreign_checkpoints as checkpoints
 from lps_jax.zoo import manifest, network_arrays
-from lps_jax.zoo import probe as probe_lib
 
 FUNCTIONAL = 'functional'
 flags.DEFINE_string('modelset', 'results/modelset_cpu/first_layer_kernels.npz', 'Indexed set: '
@@ -112,11 +111,9 @@ def _functional_foreign(paths):
   flats, configs = zip(*[network_arrays.to_flax(checkpoints.read_arrays(p), p) for p in paths])
   if len(set(configs)) > 1:
     raise UserError('the foreign checkpoints hold different ResNets; evaluate one at a time.')
-  split = _test_split()
-  probe = probe_lib.probe_images(split.images, split.labels)
   stack = network_arrays.stack(list(flats), configs[0], list(paths))
-  return stack.with_array(methods.PROBE_OUTPUTS,
-                          probe_lib.probe_logits(stack, probe, padding='symmetric'))
+  return stack.with_array(methods.PROBE_OUTPUTS, lps_modes.functional_outputs(
+      stack, _test_split, padding='symmetric'))
 
 
 def evaluate_method(name, config, own, tasks, foreign) -> dict:
