@@ -25,6 +25,7 @@ from lps_jax.align import fit as second_order_fit
 from lps_jax.common.checks import Range
 from lps_jax.common.errors import UserError
 from lps_jax.methods import registry as methods
+from lps_jax.training import data as data_lib
 
 flags.DEFINE_enum('mode', 'classification', list(lps_modes.MODES),
                   ' '.join(f'{m.name}: {m.help}' for m in lps_modes.MODES.values()))
@@ -54,6 +55,8 @@ flags.DEFINE_integer('num_permutations', 10000, 'Permutation-test draws (transfe
 flags.DEFINE_string('compare_modelset', None, 'Tables 1-2: also run the same methods and splits '
                     'on this model set, restricted to the tasks of --modelset, and print it '
                     'beside (e.g. the CPU yardstick beside a partial ModelSet500).')
+flags.DEFINE_list('task_ids', None, 'Tables 1-2: only the models of these tasks (ids or ranges '
+                  'A-B), e.g. the tasks a --compare_modelset holds; default every task.')
 flags.DEFINE_string('other_modelset', None, 'Cross mode: model set of another architecture '
                     '(e.g. runs/modelset_wide_cpu/modelset) whose tasks the methods name.')
 flags.DEFINE_string('results_dir', None, 'Where to write results.json, results.md and plots.')
@@ -63,11 +66,13 @@ flags.DEFINE_bool('replot', False, 'Only redraw results.md / the PNG from --resu
 flagdefs.input_path('modelset', hint='A model set folder comes from train_population (e.g. '
                     '--flagfile=experiments/flags/modelset_cpu.flags, ~1 h on 2 cores); the '
                     'tables also take a kernels .npz from results/.')
-flagdefs.input_path('compare_modelset')
+flagdefs.input_path('compare_modelset', hint='A model set folder comes from train_population; a '
+                    'flagfile that compares with one says in its header how to train it.')
 flagdefs.input_path('other_modelset', when=lambda f: f.mode == 'cross')
 flagdefs.names('methods', list(methods.REGISTRY), 'method')
 flagdefs.names('branch_methods', list(lps_render.BRANCH_METHODS), 'branch method')
 flagdefs.check('split_seeds', Range(0, integer=True, nonempty=True), item=int)
+flagdefs.parsed('task_ids', data_lib.parse_task_ids)
 flagdefs.check('branches', Range(1, integer=True), item=int)
 for _name in ('test_tasks', 'num_permutations'):
   flagdefs.check(_name, Range(1, integer=True))
@@ -118,6 +123,19 @@ def replot():
   print(text)
 
 
+def _only_tasks(mode, kernels, task_id):
+  """--task_ids: the models of those tasks, or one line naming what is missing."""
+  import numpy as np
+  if not mode.takes_methods:
+    raise UserError(f'--task_ids is for the tables; {mode.name} mode reads the whole set.')
+  tasks = data_lib.parse_task_ids(FLAGS.task_ids)
+  absent = sorted(set(tasks) - set(np.unique(task_id).tolist()))
+  if absent:
+    raise UserError(f'--task_ids: {FLAGS.modelset} has no models of tasks {absent}; it holds '
+                    f'tasks {np.unique(task_id).tolist()}.')
+  return lps_modes.restrict(kernels, task_id, tasks, FLAGS.modelset)
+
+
 def main(argv):
   del argv
   import numpy as np
@@ -137,6 +155,8 @@ def main(argv):
     readers = FLAGS.methods if mode.takes_methods else FLAGS.branch_methods
     kernels, task_id, ms, branches = lps_modes.load(mode, FLAGS.modelset, config, readers,
                                                     branches, images, cache)
+    if FLAGS.task_ids:
+      kernels, task_id = _only_tasks(mode, kernels, task_id)
     other = None
     if mode.name == 'cross':
       if not FLAGS.other_modelset:
@@ -154,6 +174,8 @@ def main(argv):
     out_dir = None
     if FLAGS.results_dir:
       run_config = {k: FLAGS[k].value for k in RUN_FLAGS}
+      if FLAGS.task_ids:      # only when given: folders written before keep their config
+        run_config['task_ids'] = list(data_lib.parse_task_ids(FLAGS.task_ids))
       out_dir = results.ResultsDir(FLAGS.results_dir, dict(run_config,
                                                            **dataclasses.asdict(config)))
   except UserError as e:

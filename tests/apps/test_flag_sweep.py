@@ -193,5 +193,5 @@ def test_committed_flagfiles_parse():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for path, error in json.loads(r.stdout.strip().splitlines()[-1]).items():
-      assert error is None or ('--modelset=runs/' in error and 'train_population' in error), (
-          path, error)
+      assert error is None or (re.search(r'--(compare_)?modelset=runs/', error)
+                               and 'train_population' in error), (path, error)

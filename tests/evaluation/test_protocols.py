@@ -181,6 +181,17 @@ def test_table_beside_a_second_model_set_on_the_same_tasks(tiny_set, tmp_path):
   bad = _run(*(args[:-4] + [f'--modelset={tiny_set}', f'--compare_modelset={part}',
                             '--methods=lps', '--val_per_task=0', '--layer_weights=1']))
   assert bad.returncode != 0 and 'has no models of tasks [3, 4, 5]' in bad.stderr
+  # --task_ids narrows the first set to the tasks the second holds: the same table as above.
+  narrowed = args[:-4] + [f'--modelset={tiny_set}', f'--compare_modelset={part}',
+                          '--methods=lps,gram', '--val_per_task=0', '--layer_weights=1']
+  narrowed = [a.replace(str(tmp_path / 't'), str(tmp_path / 'n')) for a in narrowed]
+  _ok(_run(*narrowed, '--task_ids=0-2'))
+  res_n = json.load(open(tmp_path / 'n' / 'results.json'))
+  assert res_n['num_tasks'] == 3 and res_n['compare']['tasks'] == [0, 1, 2]
+  for name in ('lps', 'gram'):
+    assert res_n['results'][name][0]['top-1'] == res['results'][name][0]['top-1']
+  bad = _run(*narrowed, '--task_ids=4-7')
+  assert bad.returncode != 0 and 'no models of tasks [6, 7]' in bad.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
