@@ -162,15 +162,50 @@ def _cross_validated_c(x: np.ndarray, labels: np.ndarray) -> float:
   return C_GRID[int(np.argmax(score))]
 
 
+def nystroem(k: np.ndarray, depths) -> np.ndarray:
+  """P with phi(x) = k(x, T) P the Nystroem features of a (T, T) kernel, or one clear line."""
+  vals, vecs = np.linalg.eigh((k + k.T) / 2)
+  keep = vals > 1e-10 * vals.max()
+  if not np.isfinite(vals).all() or not keep.any():
+    raise UserError(f'the chained-Gram kernel of depths {depths} is zero or not finite on '
+                    'these models (all-zero or non-finite conv kernels?); check the weights.')
+  return vecs[:, keep] / np.sqrt(vals[keep])
+
+
+def _cross_validated_depths(log_k: np.ndarray, log_diag: np.ndarray,
+                            labels: np.ndarray) -> tuple:
+  """Depths 1..d, d chosen by stratified `CV_FOLDS`-fold cross-validation of the kernel
+  regression (C = 1) on the training models alone (ties: the shallower); every depth when a
+  task has too few models to fold."""
+  from sklearn.model_selection import StratifiedKFold
+  num_depths, counts = log_k.shape[-1], np.bincount(labels)
+  if counts[counts > 0].min() < CV_FOLDS:
+    return tuple(range(1, num_depths + 1))
+  folds = list(StratifiedKFold(CV_FOLDS, shuffle=True, random_state=0).split(labels, labels))
+
+  def score(depths):
+    acc = []
+    for tr, te in folds:
+      p = nystroem(combined(log_k[np.ix_(tr, tr)], log_diag[tr], log_diag[tr], depths), depths)
+      x = lambda rows: combined(log_k[np.ix_(rows, tr)], log_diag[rows], log_diag[tr], depths) @ p
+      acc.append(LogisticRegression(C=1.0, max_iter=5000).fit(x(tr), labels[tr])
+                 .score(x(te), labels[te]))
+    return np.mean(acc)
+  scores = [score(tuple(range(1, d + 1))) for d in range(1, num_depths + 1)]
+  return tuple(range(1, int(np.argmax(scores)) + 2))
+
+
 class ChainKernel:
   """Kernel logistic regression on the chained-Gram kernel (an `Estimator`); `C=None` picks
-  the regularisation by cross-validation on the training models (`C_GRID`)."""
+  the regularisation by cross-validation on the training models (`C_GRID`), `depths='cv'` the
+  depths 1..d the same way."""
 
   def __init__(self, num_classes: int, num_layers: Optional[int] = None,
                depths: Optional[Sequence[int]] = None, fold: str = 'none',
                C: Optional[float] = None, cache: Optional[cache_lib.Cache] = None):
     self.num_classes, self.num_layers, self.fold, self.C = num_classes, num_layers, fold, C
-    self.depths = tuple(depths) if depths else None
+    self.choose_depths = depths == 'cv'
+    self.depths = tuple(depths) if depths and not self.choose_depths else None
     self.train, self._last, self.cache = None, None, cache
 
   def _weights(self, inputs):
@@ -211,14 +246,12 @@ class ChainKernel:
       raise UserError(f'depths {self.depths} need {max(self.depths)} conv layers; {len(w)} read.')
     logs = self._log_kernels(w, w)
     self.train, self.train_log_diag, self._last = w, logs['self'], None
+    labels = np.asarray(labels)
+    if self.choose_depths:
+      self.depths = _cross_validated_depths(logs['cross'], logs['self'], labels)
     k = combined(logs['cross'], self.train_log_diag, self.train_log_diag, self.depths)
-    vals, vecs = np.linalg.eigh((k + k.T) / 2)
-    keep = vals > 1e-10 * vals.max()
-    if not np.isfinite(vals).all() or not keep.any():
-      raise UserError(f'the chained-Gram kernel of depths {self.depths} is zero or not finite on '
-                      'these models (all-zero or non-finite conv kernels?); check the weights.')
-    self.projection = vecs[:, keep] / np.sqrt(vals[keep])      # Nystroem: phi(x) = k(x, T) P
-    x, labels = k @ self.projection, np.asarray(labels)
+    self.projection = nystroem(k, self.depths)                 # Nystroem: phi(x) = k(x, T) P
+    x = k @ self.projection
     self.chosen_C = self.C if self.C is not None else _cross_validated_c(x, labels)
     clf = LogisticRegression(C=self.chosen_C, max_iter=5000).fit(x, labels)
     self.coef, self.intercept = probes.regression_logits(clf, self.num_classes)

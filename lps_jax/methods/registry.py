@@ -94,6 +94,7 @@ class ChainKernel(Method):
   chain_layers: Optional[int] = None   # None: every conv layer (whole networks)
   whole: bool = False
   fold: str = 'none'
+  choose_depths: bool = False          # depths 1..d, d by cross-validation on training models
   indexable = True
 
   @property
@@ -109,7 +110,8 @@ class ChainKernel(Method):
 
   def build(self, base, num_classes, cache=None):
     from lps_jax.methods import chain_kernel
-    return chain_kernel.ChainKernel(num_classes, self.chain_layers, fold=self.fold, cache=cache)
+    return chain_kernel.ChainKernel(num_classes, self.chain_layers, fold=self.fold, cache=cache,
+                                    depths='cv' if self.choose_depths else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +296,9 @@ REGISTRY = {m.name: m for m in [
     ChainKernel('chain_kernel_bn', 'chained-Gram kernel, all 19 layers, BN scale / running std '
                 'folded + kernel LR', _CHAIN + ' (with BatchNorm running statistics)',
                 whole=True, fold='gamma_sigma'),
+    ChainKernel('chain_kernel_cv', 'chained-Gram kernel, layers 1..d (d by cross-validation on '
+                'the training models), BN scale folded + kernel LR', _CHAIN, whole=True,
+                fold='gamma', choose_depths=True),
     ChainDepth('chain_depth', 'chained-Gram kernel of one depth (the branch\'s) + kernel LR',
                _CHAIN),
     # Whole networks (every layer; the model set folder): aligned by weight matching first

@@ -123,3 +123,37 @@ def test_chain_depth_branches_share_one_cached_kernel_computation(tmp_path, monk
     est.fit(tr, task_id[train])
     np.testing.assert_allclose(est.predict(te), plain[d], rtol=1e-6, atol=1e-9)
   assert len(calls) == 2           # train x train and test x train, once for both depths
+
+
+def _log_kernels_of(features):
+  """(N, N, L) log kernels and (N, L) log diagonals of per-depth nonnegative features."""
+  k = np.stack([f @ f.T for f in features], -1)
+  return np.log(k), np.log(np.stack([np.diagonal(k[..., d]) for d in range(k.shape[-1])], -1))
+
+
+def test_depths_chosen_on_the_training_models_keep_the_informative_ones():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 8)
+  signal = np.eye(4)[labels] + 0.3 * rng.random((32, 4))
+  noise = [rng.random((32, 4)) for _ in range(4)]
+  log_k, log_diag = _log_kernels_of([signal] + noise)
+  assert chain_kernel._cross_validated_depths(log_k, log_diag, labels) == (1,)
+  log_k, log_diag = _log_kernels_of(noise[:1] + [signal] * 4)      # depth 1 is noise
+  assert len(chain_kernel._cross_validated_depths(log_k, log_diag, labels)) >= 2
+  # Too few models per task to fold: every depth.
+  assert chain_kernel._cross_validated_depths(log_k[:8, :8], log_diag[:8], np.arange(8) % 4
+                                              ) == (1, 2, 3, 4, 5)
+
+
+def test_chain_kernel_cv_learns_and_keeps_its_chosen_depths_in_the_index_state():
+  stack, task_id = _stack(3, 8, config=TINY, signal=1.0)
+  train = np.arange(len(task_id)) % 4 != 0
+  est = methods.get('chain_kernel_cv').estimator(SecondOrderConfig(), 3)
+  est.fit(stack.take(np.flatnonzero(train)), task_id[train])
+  test = stack.take(np.flatnonzero(~train))
+  assert (est.predict(test).argmax(1) == task_id[~train]).mean() >= 0.8       # chance 1/3
+  assert 1 <= len(est.depths) <= len(stack.kernels) and est.depths[0] == 1
+  again = methods.get('chain_kernel_cv').estimator(SecondOrderConfig(), 3)
+  again.load_state(est.state())
+  assert again.depths == est.depths
+  np.testing.assert_allclose(again.predict(test), est.predict(test), rtol=1e-6)
