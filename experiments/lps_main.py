@@ -128,12 +128,9 @@ def _only_tasks(mode, kernels, task_id):
   import numpy as np
   if not mode.takes_methods:
     raise UserError(f'--task_ids is for the tables; {mode.name} mode reads the whole set.')
-  tasks = data_lib.parse_task_ids(FLAGS.task_ids)
-  absent = sorted(set(tasks) - set(np.unique(task_id).tolist()))
-  if absent:
-    raise UserError(f'--task_ids: {FLAGS.modelset} has no models of tasks {absent}; it holds '
-                    f'tasks {np.unique(task_id).tolist()}.')
-  return lps_modes.restrict(kernels, task_id, tasks, FLAGS.modelset)
+  return lps_modes.restrict(kernels, task_id, data_lib.parse_task_ids(FLAGS.task_ids),
+                            FLAGS.modelset, why=f'which --task_ids names; it holds tasks '
+                            f'{np.unique(task_id).tolist()}')
 
 
 def main(argv):

@@ -270,13 +270,15 @@ def functional_outputs(stack: modelset.NetworkStack, images: Callable, cache=Non
   return cache.arrays(key, compute)['logits']
 
 
-def restrict(kernels: list, task_id: np.ndarray, tasks, path: str) -> tuple[list, np.ndarray]:
-  """The models of `tasks` only (a second model set compared on the first one's tasks)."""
+def restrict(kernels: list, task_id: np.ndarray, tasks, path: str,
+             why: str = 'which the compared model set holds; compare sets with the same tasks'
+             ) -> tuple[list, np.ndarray]:
+  """The models of `tasks` only (a second model set compared on the first one's tasks, or
+  --task_ids), or one line naming the tasks `path` lacks and `why` they were asked for."""
   keep = np.isin(task_id, tasks)
   absent = sorted(set(np.asarray(tasks).tolist()) - set(task_id[keep].tolist()))
   if absent:
-    raise modelset.ModelSetError(f'{path} has no models of tasks {absent[:10]}, which the '
-                                 'compared model set holds; compare sets with the same tasks.')
+    raise modelset.ModelSetError(f'{path} has no models of tasks {absent[:10]}, {why}.')
   return interface.take(kernels, np.flatnonzero(keep)), task_id[keep]
 
 

@@ -92,9 +92,9 @@ def _pair(wa: Sequence[jax.Array], wb: Sequence[jax.Array]) -> jax.Array:
     if l:
       m = jnp.einsum('sip,ij,sjq->pq', wa[l], m, wb[l])
     norm = jnp.sqrt(jnp.sum(m * m))                    # m has unit norm: no underflow here
-    out.append(2 * (log_scale + jnp.log(norm)))        # log ||M_k||^2 (-inf where M_k = 0)
+    log_scale = log_scale + jnp.log(norm)              # -inf where M_k = 0
+    out.append(2 * log_scale)                          # log ||M_k||^2
     m = m / jnp.where(norm > 0, norm, 1.0)
-    log_scale = log_scale + jnp.log(norm)
   return jnp.stack(out)
 
 
@@ -149,14 +149,22 @@ C_GRID = (0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
 
 
-def _cross_validated_c(x: np.ndarray, labels: np.ndarray) -> float:
-  """The regression's C from `C_GRID` by stratified `CV_FOLDS`-fold cross-validation on the
-  training models alone (ties: the smaller C); C = 1 when a task has too few models to fold."""
+def _folds(labels: np.ndarray) -> Optional[list]:
+  """Stratified `CV_FOLDS`-fold (train, test) rows of the training models, or None when a task
+  has too few models to fold."""
   from sklearn.model_selection import StratifiedKFold
   counts = np.bincount(labels)
   if counts[counts > 0].min() < CV_FOLDS:
+    return None
+  return list(StratifiedKFold(CV_FOLDS, shuffle=True, random_state=0).split(labels, labels))
+
+
+def _cross_validated_c(x: np.ndarray, labels: np.ndarray) -> float:
+  """The regression's C from `C_GRID` by cross-validation on the training models alone
+  (`_folds`; ties: the smaller C); C = 1 when a task has too few models to fold."""
+  folds = _folds(labels)
+  if folds is None:
     return 1.0
-  folds = list(StratifiedKFold(CV_FOLDS, shuffle=True, random_state=0).split(x, labels))
   score = [np.mean([LogisticRegression(C=c, max_iter=5000).fit(x[tr], labels[tr])
                     .score(x[te], labels[te]) for tr, te in folds]) for c in C_GRID]
   return C_GRID[int(np.argmax(score))]
@@ -174,14 +182,12 @@ def nystroem(k: np.ndarray, depths) -> np.ndarray:
 
 def _cross_validated_depths(log_k: np.ndarray, log_diag: np.ndarray,
                             labels: np.ndarray) -> tuple:
-  """Depths 1..d, d chosen by stratified `CV_FOLDS`-fold cross-validation of the kernel
-  regression (C = 1) on the training models alone (ties: the shallower); every depth when a
-  task has too few models to fold."""
-  from sklearn.model_selection import StratifiedKFold
-  num_depths, counts = log_k.shape[-1], np.bincount(labels)
-  if counts[counts > 0].min() < CV_FOLDS:
+  """Depths 1..d, d chosen by cross-validation of the kernel regression (C = 1) on the
+  training models alone (`_folds`; ties: the shallower); every depth when a task has too
+  few models to fold."""
+  num_depths, folds = log_k.shape[-1], _folds(labels)
+  if folds is None:
     return tuple(range(1, num_depths + 1))
-  folds = list(StratifiedKFold(CV_FOLDS, shuffle=True, random_state=0).split(labels, labels))
 
   def score(depths):
     acc = []
@@ -221,7 +227,10 @@ class ChainKernel:
   def _log_kernels(self, wa: list, wb: list) -> dict:
     """{'cross': (A, B, L), 'self': (A, L)} log kernels of every depth the weights reach;
     with a cache, once per pair of weight sets (Fig. 3b's branches 1..L share one computation)."""
-    compute = lambda: {'cross': log_depth_kernels(wa, wb), 'self': log_self_kernels(wa)}
+    def compute():
+      cross = log_depth_kernels(wa, wb)
+      return {'cross': cross,      # the training set against itself: its diagonal is 'self'
+              'self': np.diagonal(cross).T.copy() if wa is wb else log_self_kernels(wa)}
     if self.cache is None:
       return compute()
     key = {'chain_log_kernels': 2, 'a': cache_lib.fingerprint(*wa),
