@@ -96,7 +96,8 @@ def build_one(method: str, path: str):
         f'recipes {d["recipes"]}) written to {path} in {idx.seconds["total"]:.1f} s' + (
             f'; "unknown" below {cal["score"]} {cal["threshold"]:.3f} (held-out tasks: '
             f'{100 * cal["false_accept"]:.0f} % false accepts, {100 * cal["false_reject"]:.0f} % '
-            'false rejects)' if cal else '; no "unknown" answer (--calibration_folds=0)'),
+            f'false rejects; top-1 {100 * cal["seen_top1"]:.1f} % on held-out models of seen '
+            'tasks)' if cal else '; no "unknown" answer (--calibration_folds=0)'),
         file=sys.stderr)
   return idx
 

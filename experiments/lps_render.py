@@ -60,7 +60,23 @@ def render_table(res: dict, results_dir: Optional[str]) -> str:
   if timed:
     text += ('\nfit (s): mean seconds per split to fit a method on the training models, its '
              'features included (a cached fit counts as its reading).\n')
+  text += _chosen_lines(res['results'])
   return text + ('\nMethods beyond the paper: ' + '; '.join(cites) + '.\n' if cites else '')
+
+
+def _chosen_lines(results: dict) -> str:
+  """What each method that chooses its settings on the training models chose, per split."""
+  def say(c: dict) -> str:
+    def one(k, v):
+      if k == 'depths' and list(v) == list(range(1, max(v) + 1)):
+        return f'depths 1..{max(v)}' if max(v) > 1 else 'depth 1'
+      return f'{k} {v}'
+    return ', '.join(one(k, v) for k, v in c.items())
+  lines = [f'`{name}`: ' + '; '.join(f'split {r.get("split_seed", i)}: {say(r["chosen"])}'
+                                      for i, r in enumerate(runs))
+           for name, runs in results.items() if all('chosen' in r for r in runs)]
+  return ('\nChosen on the training models of each split: ' + ' — '.join(lines) + '.\n'
+          if lines else '')
 
 
 BRANCH_METHODS = {'lps': "LPS (Eq. 5-8, the paper's)",

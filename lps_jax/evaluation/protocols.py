@@ -198,7 +198,8 @@ def run_classification(kernels, task_id, method: str, config: SecondOrderConfig,
               y_train, cache, progress)
   fit_seconds = time.perf_counter() - t0
   acc = metrics.topk_accuracy(model.predict(interface.take(kernels, split.test)), y_test, ks)
-  return dict({f'top-{k}': v for k, v in acc.items()}, fit_seconds=fit_seconds)
+  return dict({f'top-{k}': v for k, v in acc.items()}, fit_seconds=fit_seconds,
+              **_chosen(model))
 
 
 def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
@@ -217,7 +218,13 @@ def run_retrieval(kernels, task_id, method: str, config: SecondOrderConfig,
   sim = metrics.cosine_similarity(model.embed(interface.take(kernels, split.query)),
                                   model.embed(interface.take(kernels, split.gallery)))
   return dict(metrics.retrieval_metrics(sim, task_id[split.query], task_id[split.gallery], ks),
-              fit_seconds=fit_seconds)
+              fit_seconds=fit_seconds, **_chosen(model))
+
+
+def _chosen(model) -> dict:
+  """{'chosen': what the fit chose on its training models}, or {} (`interface.chosen`)."""
+  picked = interface.chosen(model)
+  return {'chosen': picked} if picked else {}
 
 
 def _shapes(inputs, layers) -> list:

@@ -267,6 +267,10 @@ class ChainKernel:
     if progress is not None:
       progress(1, None)
 
+  def chosen(self) -> dict:
+    """What the fit chose on the training models: the regression's C and the depths read."""
+    return {'C': float(self.chosen_C), 'depths': [int(d) for d in self.depths]}
+
   def predict(self, inputs) -> np.ndarray:
     """The regression's probabilities: the softmax of its logits (sklearn's predict_proba)."""
     return probes.softmax(self._query_features(inputs) @ self.coef.T + self.intercept)

@@ -38,6 +38,14 @@ class Estimator(Protocol):
 
   # An indexable estimator (`Method.indexable`, kept by lps_query) also has
   # `state() -> {name: array}` and `load_state(arrays)`: its fitted state as plain arrays.
+  # One that chooses settings on its training models (cross-validation) may have
+  # `chosen() -> {name: value}` (plain JSON values): the tables record what each split chose.
+
+
+def chosen(estimator) -> dict:
+  """What a fitted estimator chose on its training models ({} when it chooses nothing)."""
+  pick = getattr(estimator, 'chosen', None)
+  return dict(pick()) if callable(pick) else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,3 +157,26 @@ def test_chain_kernel_cv_learns_and_keeps_its_chosen_depths_in_the_index_state()
   again.load_state(est.state())
   assert again.depths == est.depths
   np.testing.assert_allclose(again.predict(test), est.predict(test), rtol=1e-6)
+
+
+def test_the_tables_record_and_print_what_chain_kernel_cv_chose_per_split():
+  from experiments import lps_render
+  from lps_jax.evaluation import protocols
+  stack, task_id = _stack(3, 8, config=TINY, signal=1.0)
+  runs = [protocols.run_classification(stack, task_id, 'chain_kernel_cv', SecondOrderConfig(), s)
+          for s in (0, 1)]
+  for r in runs:
+    assert r['chosen']['C'] in chain_kernel.C_GRID
+    d = r['chosen']['depths']
+    assert d == list(range(1, len(d) + 1)) and 1 <= len(d) <= len(stack.kernels)
+  gram = protocols.run_classification(stack, task_id, 'gram', SecondOrderConfig(), 0)
+  assert 'chosen' not in gram                                  # gram chooses nothing
+  text = lps_render.render_table(
+      {'mode': 'classification', 'command': 'x', 'num_tasks': 3, 'modelset': 'tiny',
+       'results': {'chain_kernel_cv': [dict(r, split_seed=s) for s, r in enumerate(runs)],
+                   'gram': [dict(gram, split_seed=0)]}}, None)
+  line = next(l for l in text.splitlines() if l.startswith('Chosen on the training models'))
+  assert f'`chain_kernel_cv`: split 0: C {runs[0]["chosen"]["C"]}, depth' in line
+  assert 'split 1:' in line and '`gram`' not in line
+  assert lps_render._chosen_lines({'m': [{'chosen': {'C': 1.0, 'depths': [1, 2, 3]}}]}) == (
+      '\nChosen on the training models of each split: `m`: split 0: C 1.0, depths 1..3.\n')

@@ -290,16 +290,19 @@ def test_lps_query_builds_from_a_zoo_folder(tmp_path, tiny_set):
   assert out['answers'][0]['models'][0]['path'] == 'm9.pt'
   assert out['indexes'][0]['recipes'] == {'torch-like': 24}
   assert 'false accepts' in r.stderr and 'written to' in r.stderr
+  assert '% on held-out models of seen tasks' in r.stderr       # what --method=auto compares
   r = _query('--build', f'--zoo={tmp_path}/zoo', f'--index={tmp_path}/idx2')
   assert r.returncode != 0 and '--zoo needs --labels' in r.stderr
 
 
 def test_auto_answers_each_checkpoint_with_the_best_index_it_feeds(tmp_path, tiny_set):
-  """A shelf of a gram and a chain_kernel index over the same zoo: a whole PyTorch checkpoint
-  goes to chain_kernel, a first-layer-only file to gram; a shelf folder is told apart from
-  one index."""
+  """A shelf of a gram and a chain_kernel index over the same zoo: a first-layer-only file goes
+  to gram (the only one that reads it); a whole checkpoint, which both read, to the index that
+  measured the higher top-1 on the zoo's held-out models, or without calibrations to the first
+  in shelf.AUTO; a shelf folder is told apart from one index."""
+  import dataclasses
   from lps_jax.align.fit import SecondOrderConfig
-  from lps_jax.query import index, shelf, zoo
+  from lps_jax.query import index, open_set, shelf, zoo
   table, files = _tiny_zoo(tmp_path / 'zoo', tiny_set, range(4))
   for method in ('gram', 'chain_kernel'):
     z = zoo.from_table(str(table), str(tmp_path / 'zoo'), method, SecondOrderConfig())
@@ -309,10 +312,22 @@ def test_auto_answers_each_checkpoint_with_the_best_index_it_feeds(tmp_path, tin
   assert shelf.is_shelf(str(tmp_path / 'shelf'))
   assert not shelf.is_shelf(str(tmp_path / 'shelf' / 'gram'))
   indexes = shelf.load(str(tmp_path / 'shelf'))
-  assert [i.method for i in indexes] == ['chain_kernel', 'gram']           # shelf.AUTO order
-  assert shelf.choose(indexes, files[6]).method == 'chain_kernel'
+  assert [i.method for i in indexes] == ['gram', 'chain_kernel']           # shelf.AUTO order
+  assert shelf.choose(indexes, files[6]).method == 'gram'                  # no calibrations
   _, _, one = _model_kernels(tiny_set, row=6)
   np.savez(tmp_path / 'first.npz', **{'conv1/kernel': one[0]})
   assert shelf.choose(indexes, str(tmp_path / 'first.npz')).method == 'gram'
+
+  def measured(idx, top1):
+    cal = open_set.Calibration('probability', 0.5, 0.1, 0.1, top1, 2, np.zeros(3), {})
+    return dataclasses.replace(idx, calibration=cal)
+  gram, chain = indexes
+  assert shelf.choose([measured(gram, 0.8), measured(chain, 0.9)], files[6]).method == (
+      'chain_kernel')
+  assert shelf.choose([measured(gram, 0.9), measured(chain, 0.8)], files[6]).method == 'gram'
+  # One tied index without a calibration: the measurements are not compared, AUTO decides.
+  assert shelf.choose([gram, measured(chain, 0.9)], files[6]).method == 'gram'
+  assert shelf.choose([measured(gram, 0.8), measured(chain, 0.9)],
+                      str(tmp_path / 'first.npz')).method == 'gram'
   with pytest.raises(QueryError, match='no indexes under'):
     shelf.load(str(tmp_path / 'zoo'))
